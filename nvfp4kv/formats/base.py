@@ -1,0 +1,143 @@
+"""The contract every KV format follows, and the registry that names them.
+
+A format is pure functions and constants (as in torchao's ``mx_formats``): it turns a K or V
+tensor laid out ``[B, H, T, D]`` (batch, kv heads, tokens, head_dim) into a dict of packed
+*parts* and back. The cache never looks inside the parts; it only needs to know, for each
+part, how to concatenate, slice and batch-select it, which this contract fixes:
+
+- every part has dims ``[B, H, t, ...]``: batch first (``index_select`` on dim 0 reorders
+  beams), kv heads second, and a token axis at dim 2 whose length ``t`` is ``T`` for
+  token-wise parts or ``T // token_group`` for parts shared by a group of tokens (KIVI's
+  per-channel key scales). Appending a chunk is ``torch.cat(dim=2)``; cropping to ``n`` tokens
+  keeps ``n * t // T`` rows of dim 2.
+- a *global scale* (NVFP4's FP32 per-tensor decode scale, FP8's per-tensor or per-head scale)
+  lives outside the parts, owned by the cache so that it can be frozen (``prefill`` / ``static``
+  policies) or recorded per write (``dynamic``). It is an FP32 tensor broadcastable to
+  ``[B, H, T, 1]``: shape ``[1, 1, 1, 1]`` per tensor, ``[1, H, 1, 1]`` per head, or
+  ``[1, h, T, 1]`` when recorded per write.
+
+Formats raise :class:`~nvfp4kv.errors.BlockSizeError` when ``D`` is not a multiple of their
+block and :class:`~nvfp4kv.errors.NonFiniteKVError` on NaN/Inf unless ``nonfinite="map"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from nvfp4kv.errors import BlockSizeError, NonFiniteKVError, UnknownFormatError
+
+NonFinitePolicy = Literal["error", "map"]
+Parts = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVFormat(ABC):
+    """A KV storage format, adapted to the cache's ``[B, H, T, D]`` layout.
+
+    Subclasses are frozen dataclasses whose fields are the format's options (for example
+    FP8's scale granularity), so a format instance is hashable and printable as config.
+    """
+
+    #: registry name, e.g. ``"nvfp4"``
+    name: str = "base"
+    #: ``"error"`` (default) refuses NaN/Inf; ``"map"`` applies the format's documented mapping
+    nonfinite: NonFinitePolicy = "error"
+
+    # ---- constants every format declares -------------------------------------------------
+    @property
+    @abstractmethod
+    def block_size(self) -> int:
+        """Elements along head_dim that share one scale (1 when no block scale)."""
+
+    @property
+    def token_group(self) -> int:
+        """Tokens quantized jointly along the token axis; 1 unless scales span tokens."""
+        return 1
+
+    @property
+    def uses_global_scale(self) -> bool:
+        """Whether :meth:`quantize` needs a global (per-tensor or per-head) scale."""
+        return False
+
+    @abstractmethod
+    def bits_per_element(self, head_dim: int) -> float:
+        """Storage bits per K/V element in the token-wise parts (codes + block scales).
+
+        Global scales are a per-layer constant and are not included: the cache reports them
+        separately, so the arithmetic tests can check both.
+        """
+
+    # ---- the functions -------------------------------------------------------------------
+    def global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The dynamic global scale of ``x`` (FP32, broadcastable to ``[B, H, T, 1]``)."""
+        return None
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> Parts:
+        """Encode ``x`` ``[B, H, T, D]`` (any float dtype) to packed parts.
+
+        ``T`` must be a multiple of :attr:`token_group`. When the format uses a global scale
+        and none is given, it computes the dynamic one from ``x``.
+        """
+
+    @abstractmethod
+    def dequantize(
+        self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Decode parts back to ``[B, H, T, D]`` in ``dtype``."""
+
+    # ---- shared checks ---------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise the errors the contract promises, each naming its fix."""
+        d = x.shape[-1]
+        if d % self.block_size:
+            raise BlockSizeError(
+                f"KV format {self.name!r} quantizes blocks of {self.block_size} along head_dim, "
+                f"but head_dim is {d}. Use a format whose block divides {d} "
+                f"(e.g. 'fp8_e4m3'), or keep this layer in BF16 with skip_layers."
+            )
+        if self.nonfinite == "error" and not bool(torch.isfinite(x).all()):
+            raise NonFiniteKVError(
+                f"KV format {self.name!r} got NaN/Inf in its input; these formats cannot encode "
+                f"them. Fix the model's numerics, or pass nonfinite='map' to apply the "
+                f"documented mapping (NaN -> 0, +-Inf -> +-max)."
+            )
+
+
+_REGISTRY: dict[str, Callable[..., KVFormat]] = {}
+
+
+def register_format(name: str) -> Callable[[Callable[..., KVFormat]], Callable[..., KVFormat]]:
+    """Class decorator: make a format constructible by name through :func:`get_format`."""
+
+    def wrap(factory: Callable[..., KVFormat]) -> Callable[..., KVFormat]:
+        if name in _REGISTRY:
+            raise ValueError(f"KV format {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available_formats() -> list[str]:
+    """Names accepted by :func:`get_format`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_format(name: str | KVFormat, **options: object) -> KVFormat:
+    """Build a registered format by name with its options (a KVFormat passes through)."""
+    if isinstance(name, KVFormat):
+        return name
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise UnknownFormatError(
+            f"Unknown KV format {name!r}. Known formats: {', '.join(available_formats())}. "
+            f"Pick one of these (Hydra: kv=<name> or kv.k_format=<name>)."
+        ) from None
+    return factory(**options)
