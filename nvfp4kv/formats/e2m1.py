@@ -1,0 +1,92 @@
+"""E2M1, the FP4 element shared by ``nvfp4``, ``fp4_mx_block16`` and ``mxfp4``.
+
+A 4-bit code is ``sign << 3 | magnitude``; magnitudes 0..7 stand for
+``0, 0.5, 1, 1.5, 2, 3, 4, 6``. There is no Inf/NaN encoding.
+
+Rounding here is done with *comparisons against fixed thresholds*, never with a float
+conversion instruction: comparisons are exact on every device, so the same arithmetic in a
+Triton kernel (Hopper has no native FP4 convert) reproduces these codes bit for bit, also
+under the CPU interpreter.
+
+Round-to-nearest-even (``rne_e2m1_codes``), the rounding of ModelOpt, FlashInfer and the
+Blackwell ``cvt.rn.satfinite.e2m1x2.f32`` instruction. Between two neighbours the tie goes to
+the code with an even magnitude index::
+
+    |y| <= 0.25 -> 0     0.25 < |y| < 0.75 -> 0.5    0.75 <= |y| <= 1.25 -> 1
+    1.25 < |y| < 1.75 -> 1.5    1.75 <= |y| <= 2.5 -> 2    2.5 < |y| < 3.5 -> 3
+    3.5 <= |y| <= 5 -> 4    |y| > 5 -> 6 (saturation: everything beyond 6, +-Inf too)
+
+Sign: the sign bit is ``y < 0``, as in ModelOpt's ``_cast_fp4``. So ``-0.0`` encodes as
+``+0`` (code 0) while a small negative value that rounds to zero keeps its sign (code 8,
+``-0``); both decode to zero. NaN compares false everywhere and encodes as code 0 (the
+formats refuse or map NaN before they get here).
+
+Packing (ModelOpt, SGLang, FlashInfer): element ``2i`` goes to the low nibble and element
+``2i+1`` to the high nibble of byte ``i``: ``byte = (q[1::2] << 4) | q[0::2]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: largest E2M1 magnitude
+E2M1_MAX = 6.0
+#: magnitude of codes 0..7
+E2M1_MAGNITUDES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: value of every 4-bit code 0..15 (code 8 is -0.0)
+E2M1_VALUES: tuple[float, ...] = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
+#: midpoints between consecutive magnitudes (the rounding thresholds)
+E2M1_BOUNDS: tuple[float, ...] = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+#: for RNE, whether a value exactly on bound ``k`` rounds up (the upper neighbour, code
+#: ``k + 1``, has an even index exactly when ``k`` is odd)
+E2M1_TIE_ROUNDS_UP: tuple[bool, ...] = (False, True, False, True, False, True, False)
+SIGN_BIT = 0b1000
+
+
+def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16-entry FP32 decode table, indexed by code."""
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+def rne_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """Magnitude code 0..7 (uint8) of ``a >= 0`` under round-to-nearest-even with saturation.
+
+    A code is the number of thresholds that ``a`` passes, where a tie passes its threshold
+    only when rounding up lands on an even index. NaN gives 0, +Inf gives 7.
+    """
+    code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for bound, tie_up in zip(E2M1_BOUNDS, E2M1_TIE_ROUNDS_UP):
+        passed = (a >= bound) if tie_up else (a > bound)
+        code += passed.to(torch.uint8)
+    return code
+
+
+def rne_e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8, one per element) of ``y`` already divided by its scale.
+
+    ``y`` is read as FP32. See the module docstring for ties, saturation and signs.
+    """
+    y = y.float()
+    sign = (y < 0).to(torch.uint8) * SIGN_BIT
+    return sign | rne_e2m1_magnitude(y.abs())
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """FP32 values of 4-bit codes (uint8, one code per element, high bits ignored)."""
+    lut = e2m1_lut(codes.device)
+    return lut[(codes & 0x0F).long()]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes two per byte along the last dim (even element in the low nibble)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_nibbles needs an even last dim, got {codes.shape[-1]}")
+    codes = codes.to(torch.uint8)
+    return ((codes[..., 1::2] & 0x0F) << 4) | (codes[..., 0::2] & 0x0F)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: ``[..., n]`` bytes -> ``[..., 2n]`` codes (uint8)."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)

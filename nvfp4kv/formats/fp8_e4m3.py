@@ -1,0 +1,117 @@
+"""``fp8_e4m3``: FP8 E4M3 elements with an FP32 scale (vLLM / HF / TRT-LLM FP8 KV).
+
+``code = e4m3_satfinite(x / scale)``, ``x_hat = float(code) * scale``, ``scale = amax / 448``.
+Encoding saturates at +-448 (a plain float8 cast may give NaN for ``|x/scale| >= 480``,
+depending on torch version and device), so a static scale that is too small (later
+outliers) clips instead of corrupting the cache.
+
+Scale granularity (option ``scaling``):
+
+- ``"tensor"`` (default): one scale per K or V tensor, a *global scale* ``[1, 1, 1, 1]``
+  (dynamic from ``amax``, or static: calibrated / checkpoint ``k_scale``, passed by the cache);
+- ``"head"``: one global scale per kv head, ``[1, H, 1, 1]``;
+- ``"token"``: one FP32 scale per token and head, stored as the token-wise part ``scale``
+  ``[B, H, T, 1]`` (8 + 32/D bits per element); no global scale.
+
+A zero amax gives scale 0; encoding then writes code 0 everywhere (it never divides by 0) and
+decoding gives zeros. Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-448*scale
+(saturation); dynamic scales are taken from the finite values only. Codes are stored as the
+E4M3 bit pattern in uint8 (``x.view(torch.uint8)`` of a ``float8_e4m3fn`` tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nvfp4kv.formats.base import KVFormat, Parts, register_format
+from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite
+
+FP8Scaling = Literal["tensor", "head", "token"]
+_SCALINGS = ("tensor", "head", "token")
+
+
+def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The FP8 scale ``amax / 448`` in FP32 (vLLM's and HF's ``k_scale`` convention)."""
+    return divide(amax, E4M3_MAX)
+
+
+def quantize_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """E4M3 bytes (uint8, same shape as ``x``) of ``x / scale``, saturating; scale 0 -> code 0."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    nonzero = s > 0
+    scaled = x.float() / torch.where(nonzero, s, torch.ones_like(s))
+    codes = float_to_e4m3_bits(scaled)
+    return torch.where(nonzero, codes, torch.zeros((), dtype=torch.uint8, device=x.device))
+
+
+def dequantize_fp8_e4m3(
+    codes: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``float(code) * scale`` in ``dtype``."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
+    return (e4m3_bits_to_float(codes) * s).to(dtype)
+
+
+@register_format("fp8_e4m3")
+@dataclass(frozen=True)
+class FP8E4M3Format(KVFormat):
+    """FP8 E4M3 K/V: uint8 ``codes`` ``[B,H,T,D]`` (+ FP32 ``scale`` ``[B,H,T,1]`` per token)."""
+
+    name: str = field(default="fp8_e4m3", init=False)
+    #: ``"tensor"``, ``"head"`` or ``"token"`` (see module docstring)
+    scaling: FP8Scaling = "tensor"
+
+    def __post_init__(self) -> None:
+        if self.scaling not in _SCALINGS:
+            raise ValueError(
+                f"fp8_e4m3 option scaling must be one of {_SCALINGS}, got {self.scaling!r}"
+            )
+
+    @property
+    def block_size(self) -> int:
+        return 1
+
+    @property
+    def uses_global_scale(self) -> bool:
+        return self.scaling != "token"
+
+    def bits_per_element(self, head_dim: int) -> float:
+        return 8.0 + (32.0 / head_dim if self.scaling == "token" else 0.0)
+
+    def global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.scaling == "tensor":
+            return fp8_scale_from_amax(finite_abs(x).amax()).reshape(1, 1, 1, 1)
+        if self.scaling == "head":
+            return fp8_scale_from_amax(finite_abs(x).amax(dim=(0, 2, 3), keepdim=True))
+        return None
+
+    def quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> Parts:
+        """Encode; for ``scaling="token"`` a passed ``global_scale`` is ignored (none is used)."""
+        self.check_input(x)
+        if self.scaling == "token":
+            scale = fp8_scale_from_amax(finite_abs(x).amax(dim=-1, keepdim=True))
+        elif global_scale is None:
+            scale = self.global_scale(x)
+        else:
+            scale = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+        if self.nonfinite == "map" and has_nonfinite(x):
+            x = map_nonfinite(x, E4M3_MAX * scale)
+        parts = {"codes": quantize_fp8_e4m3(x, scale)}
+        if self.scaling == "token":
+            parts["scale"] = scale
+        return parts
+
+    def dequantize(
+        self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        scale = parts["scale"] if self.scaling == "token" else global_scale
+        if scale is None:
+            raise ValueError(
+                f"fp8_e4m3 (scaling={self.scaling!r}) dequantize needs the global scale used to "
+                f"quantize these parts; pass the one the cache stored."
+            )
+        return dequantize_fp8_e4m3(parts["codes"], scale, dtype)

@@ -1,0 +1,62 @@
+"""Small numeric helpers the formats share, each written to give the same bits on any device.
+
+- NaN/Inf policy (``nonfinite="map"``): NaN -> 0, +-Inf -> +-limit, where each format picks
+  ``limit`` as the largest magnitude it represents at the scale it would use for the finite
+  values (its docstring says which), so an Inf saturates instead of blowing up a scale.
+  Scales are computed from :func:`finite_abs`, which ignores NaN/Inf.
+- Division by a constant: on CUDA, ``tensor / python_float`` is computed as
+  ``tensor * (1 / float)``, which can differ from true division in the last bit; the CPU
+  divides. :func:`divide` always divides (IEEE, correctly rounded), so a scale such as
+  ``amax / 448`` is the same on every device.
+- Powers of two from integer bit patterns (:func:`exp2_exact`) and the exact
+  ``ceil(log2(r))`` from the FP32 exponent (:func:`ceil_log2_exact`): no transcendental
+  function whose last bit depends on the math library.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def finite_abs(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` in FP32 with NaN and +-Inf replaced by 0 (for amax computations)."""
+    a = x.float().abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def map_nonfinite(x: torch.Tensor, limit: torch.Tensor | float) -> torch.Tensor:
+    """``x`` in FP32 with NaN -> 0 and +-Inf -> +-``limit`` (broadcastable to ``x``)."""
+    x = x.float()
+    limit_t = torch.as_tensor(limit, dtype=torch.float32, device=x.device)
+    x = torch.where(torch.isnan(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return torch.where(torch.isinf(x), torch.sign(x) * limit_t, x)
+
+
+def has_nonfinite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds any NaN/Inf (one reduction; formats skip the mapping otherwise)."""
+    return not bool(torch.isfinite(x).all())
+
+
+def divide(x: torch.Tensor, constant: float) -> torch.Tensor:
+    """``x / constant`` in FP32 by true division on every device (see module docstring)."""
+    x = x.float()
+    return x / torch.full((), constant, dtype=torch.float32, device=x.device)
+
+
+def exp2_exact(exponent: torch.Tensor) -> torch.Tensor:
+    """``2.0 ** exponent`` (FP32) for integer exponents in ``[-149, 128]`` (128 gives +Inf)."""
+    e = exponent.to(torch.int32)
+    normal = ((e + 127).clamp(min=1) << 23).view(torch.float32)
+    subnormal = (torch.ones_like(e) << (e + 149).clamp(min=0, max=22)).view(torch.float32)
+    return torch.where(e >= -126, normal, subnormal)
+
+
+def ceil_log2_exact(r: torch.Tensor) -> torch.Tensor:
+    """Exact ``ceil(log2(r))`` (int32) for finite ``r > 0``, from ``frexp``'s exponent.
+
+    ``r = m * 2^k`` with ``m`` in ``[0.5, 1)``: ``log2(r)`` is ``k - 1`` when ``m == 0.5`` (a
+    power of two) and lies strictly between ``k - 1`` and ``k`` otherwise.
+    """
+    mantissa, exponent = torch.frexp(r.float())
+    exponent = exponent.to(torch.int32)
+    return torch.where(mantissa == 0.5, exponent - 1, exponent)

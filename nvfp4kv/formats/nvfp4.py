@@ -1,0 +1,167 @@
+"""``nvfp4``: NVIDIA NVFP4 with ModelOpt / FlashInfer / TensorRT-LLM semantics.
+
+Three levels of scale, all along head_dim:
+
+- FP32 global *decode* scale ``gs = amax / (6 * 448)`` per tensor (dynamic) or calibrated
+  (static; convert other libraries' conventions with :mod:`nvfp4kv.formats.conventions`);
+- per 16 elements an E4M3 block scale ``s = e4m3_rne(min(block_amax / (6 * gs), 448))``;
+- E2M1 elements ``q = rne_e2m1(x / (float(s) * gs))``, divided by the *rounded* FP8 scale.
+
+Decoding is ``x_hat = e2m1(q) * (float(s) * gs)`` in that order (ModelOpt's; ``(q*s)*gs``
+differs in the last bit). Storage: 4 + 8/16 = 4.5 bits per element plus 32 bits per tensor.
+
+Zero and tiny blocks. With ``tiny_scale="zero"`` (default, what the serving kernels do) a
+block whose scale is 0 (an all-zero block, or one so small that its scale underflows E4M3,
+below 2^-10) gets scale byte 0 and codes 0, and decodes to zeros. ``gs == 0`` (an all-zero
+tensor) does the same for every block; nothing ever divides by zero, so no NaN appears.
+With ``tiny_scale="modelopt"`` (ModelOpt's weight path) the block scale is clamped up to
+2^-9, the smallest E4M3 subnormal, so tiny blocks keep a few nonzero codes, and an all-zero
+block stores scale 1.0 (byte 0x38) with zero codes.
+
+Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-(6 * 448 * gs), the largest
+value representable at the global scale, i.e. Inf saturates; a dynamic global scale is taken
+from the finite values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from nvfp4kv.formats.base import KVFormat, Parts, register_format
+from nvfp4kv.formats.conventions import NVFP4_RANGE
+from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
+from nvfp4kv.formats.e4m3 import (
+    E4M3_MAX,
+    E4M3_MIN_SUBNORMAL,
+    e4m3_bits_to_float,
+    float_to_e4m3_bits,
+)
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite
+
+NVFP4_BLOCK = 16
+_E4M3_BITS_ONE = 0x38  # 1.0
+
+TinyScale = Literal["zero", "modelopt"]
+
+
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic global decode scale ``amax / (6*448)`` of all of ``x`` (0-dim FP32 tensor).
+
+    NaN/Inf are ignored, so the scale covers the finite values.
+    """
+    return divide(finite_abs(x).amax(), NVFP4_RANGE)
+
+
+def _scale_for_blocks(global_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``global_scale`` (broadcastable to ``[..., 1]``) reshaped to broadcast over blocks."""
+    gs = torch.as_tensor(global_scale, dtype=torch.float32, device=like.device)
+    return gs.unsqueeze(-1) if gs.dim() > 0 else gs
+
+
+def nvfp4_block_scale_bits(
+    block_amax: torch.Tensor, global_scale: torch.Tensor, tiny_scale: TinyScale = "zero"
+) -> torch.Tensor:
+    """E4M3 bytes of the block scales ``e4m3(min(block_amax / (6*gs), 448))``.
+
+    ``global_scale`` must already broadcast against ``block_amax``. A zero ``gs`` gives ratio 0
+    (not 0/0), so every block of an all-zero tensor gets scale 0.
+    """
+    gs6 = global_scale * E2M1_MAX
+    safe = torch.where(gs6 > 0, gs6, torch.ones_like(gs6))
+    ratio = torch.where(gs6 > 0, block_amax / safe, torch.zeros_like(block_amax))
+    if tiny_scale == "zero":
+        return float_to_e4m3_bits(torch.clamp(ratio, max=E4M3_MAX))
+    if tiny_scale == "modelopt":
+        bits = float_to_e4m3_bits(torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX))
+        return torch.where(ratio == 0, torch.full_like(bits, _E4M3_BITS_ONE), bits)
+    raise ValueError(f"tiny_scale must be 'zero' or 'modelopt', got {tiny_scale!r}")
+
+
+def quantize_nvfp4(
+    x: torch.Tensor, global_scale: torch.Tensor | float, tiny_scale: TinyScale = "zero"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode finite ``x`` ``[..., D]`` (``D % 16 == 0``).
+
+    Returns ``(codes, scales)``: packed E2M1 codes uint8 ``[..., D/2]`` (even element in the
+    low nibble) and E4M3 block-scale bytes uint8 ``[..., D/16]``. ``global_scale`` is the FP32
+    decode scale, broadcastable to ``[..., 1]``.
+    """
+    xf = x.float()
+    blocks = xf.reshape(*xf.shape[:-1], xf.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = _scale_for_blocks(global_scale, xf)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale_bits = nvfp4_block_scale_bits(block_amax, gs, tiny_scale)
+    decode_scale = e4m3_bits_to_float(scale_bits) * gs  # float(s) * gs, FP32
+    nonzero = decode_scale > 0
+    scaled = blocks / torch.where(nonzero, decode_scale, torch.ones_like(decode_scale))
+    codes = torch.where(nonzero, rne_e2m1_codes(scaled), torch.zeros((), dtype=torch.uint8))
+    return pack_nibbles(codes.flatten(-2)), scale_bits.squeeze(-1)
+
+
+def dequantize_nvfp4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode ``(codes, scales)`` from :func:`quantize_nvfp4`: ``e2m1(q) * (float(s) * gs)``."""
+    values = decode_e2m1(unpack_nibbles(codes))
+    blocks = values.reshape(*values.shape[:-1], values.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
+    gs = _scale_for_blocks(global_scale, values)
+    decode_scale = e4m3_bits_to_float(scales).unsqueeze(-1) * gs
+    return (blocks * decode_scale).flatten(-2).to(dtype)
+
+
+@register_format("nvfp4")
+@dataclass(frozen=True)
+class NVFP4Format(KVFormat):
+    """NVFP4 K/V storage: uint8 parts ``codes`` ``[B,H,T,D/2]`` and ``scales`` ``[B,H,T,D/16]``."""
+
+    name: str = field(default="nvfp4", init=False)
+    #: ``"zero"`` (serving kernels) or ``"modelopt"`` (clamp scales up to 2^-9), see module
+    tiny_scale: TinyScale = "zero"
+
+    def __post_init__(self) -> None:
+        if self.tiny_scale not in ("zero", "modelopt"):
+            raise ValueError(
+                f"nvfp4 option tiny_scale must be 'zero' or 'modelopt', got {self.tiny_scale!r}"
+            )
+
+    @property
+    def block_size(self) -> int:
+        return NVFP4_BLOCK
+
+    @property
+    def uses_global_scale(self) -> bool:
+        return True
+
+    def bits_per_element(self, head_dim: int) -> float:
+        return 4.0 + 8.0 / NVFP4_BLOCK
+
+    def global_scale(self, x: torch.Tensor) -> torch.Tensor:
+        return nvfp4_global_scale(x).reshape(1, 1, 1, 1)
+
+    def quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> Parts:
+        self.check_input(x)
+        gs = (
+            self.global_scale(x)
+            if global_scale is None
+            else torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+        )
+        if self.nonfinite == "map" and has_nonfinite(x):
+            x = map_nonfinite(x, NVFP4_RANGE * gs)
+        codes, scales = quantize_nvfp4(x, gs, self.tiny_scale)
+        return {"codes": codes, "scales": scales}
+
+    def dequantize(
+        self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if global_scale is None:
+            raise ValueError(
+                "nvfp4 dequantize needs the global scale used to quantize these parts; pass "
+                "the one the cache stored (or format.global_scale(x) for a one-off round trip)."
+            )
+        return dequantize_nvfp4(parts["codes"], parts["scales"], global_scale, dtype)

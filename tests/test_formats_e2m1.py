@@ -1,0 +1,96 @@
+"""E2M1 element: RNE ties, signs, saturation, decode table and nibble packing."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvfp4kv.formats.e2m1 import (
+    E2M1_MAGNITUDES,
+    decode_e2m1,
+    e2m1_lut,
+    pack_nibbles,
+    rne_e2m1_codes,
+    unpack_nibbles,
+)
+
+
+def codes_of(values: list[float]) -> list[int]:
+    return rne_e2m1_codes(torch.tensor(values, dtype=torch.float32)).tolist()
+
+
+def test_every_rne_tie_goes_to_the_even_code() -> None:
+    # 0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4 (codes: index of magnitude)
+    assert codes_of([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]) == [0, 2, 2, 4, 4, 6, 6]
+
+
+def test_values_just_past_a_tie_round_to_the_nearer_neighbour() -> None:
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # FP32 neighbours, one ulp off
+    below = torch.nextafter(ties, torch.zeros_like(ties))
+    above = torch.nextafter(ties, torch.full_like(ties, 10.0))
+    assert rne_e2m1_codes(below).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert rne_e2m1_codes(above).tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_grid_points_encode_to_their_own_code() -> None:
+    assert codes_of(list(E2M1_MAGNITUDES)) == list(range(8))
+    assert codes_of([-m for m in E2M1_MAGNITUDES[1:]]) == list(range(9, 16))
+
+
+def test_negatives_mirror_positives_with_the_sign_bit() -> None:
+    assert codes_of([-0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0]) == [8, 10, 10, 12, 12, 14, 14]
+
+
+def test_saturation_beyond_six() -> None:
+    assert codes_of([6.0, 6.1, 7.0, 1e30, math.inf]) == [7, 7, 7, 7, 7]
+    assert codes_of([-6.5, -1e30, -math.inf]) == [15, 15, 15]
+
+
+def test_signed_zero_and_nan() -> None:
+    # -0.0 -> +0 (sign bit is y < 0); a negative rounding to zero keeps its sign (code 8);
+    # NaN compares false everywhere -> code 0. Both zero codes decode to 0.
+    assert codes_of([0.0, -0.0, -0.1, math.nan]) == [0, 0, 8, 0]
+    assert decode_e2m1(torch.tensor([0, 8], dtype=torch.uint8)).abs().tolist() == [0.0, 0.0]
+
+
+def test_decode_table() -> None:
+    lut = e2m1_lut()
+    assert lut[:8].tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert lut[9:].tolist() == [-0.5, -1, -1.5, -2, -3, -4, -6]
+    assert math.copysign(1.0, lut[8].item()) == -1.0
+
+
+def test_packing_puts_the_even_element_in_the_low_nibble() -> None:
+    codes = torch.tensor([[0x1, 0x2, 0xF, 0x8]], dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.tolist() == [[0x21, 0x8F]]
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=64).filter(lambda v: len(v) % 2 == 0))
+def test_pack_unpack_round_trip(values: list[int]) -> None:
+    codes = torch.tensor(values, dtype=torch.uint8).reshape(1, -1)
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, len(values) // 2)
+    assert torch.equal(unpack_nibbles(packed), codes)
+
+
+finite32 = st.floats(min_value=-20.0, max_value=20.0, allow_nan=False, width=32)
+
+
+@settings(max_examples=300)
+@given(finite32)
+def test_rne_code_is_a_nearest_grid_point_with_even_ties(y: float) -> None:
+    """Brute force: compare with argmin over the grid (independent of the thresholds)."""
+    code = codes_of([y])[0]
+    got = abs(e2m1_lut()[code].item())
+    a = min(abs(y), 6.0)
+    distances = [abs(a - m) for m in E2M1_MAGNITUDES]
+    best = min(distances)
+    assert abs(a - got) == best
+    nearest = [i for i, dist in enumerate(distances) if dist == best]
+    assert code & 7 == (nearest[0] if len(nearest) == 1 else [i for i in nearest if i % 2 == 0][0])
+    assert (code >> 3) == (1 if y < 0 else 0)

@@ -1,0 +1,103 @@
+"""fp8_e4m3: saturation (never NaN), scale granularities, static scales, zero amax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nvfp4kv.formats import get_format
+from nvfp4kv.formats.e4m3 import e4m3_bits_to_float, float_to_e4m3_bits
+from nvfp4kv.formats.fp8_e4m3 import dequantize_fp8_e4m3, quantize_fp8_e4m3
+
+
+def test_large_values_saturate_instead_of_becoming_nan() -> None:
+    x = torch.tensor([479.0, 480.0, 1e4, 1e6, -1e6])
+    out = dequantize_fp8_e4m3(quantize_fp8_e4m3(x, 1.0), 1.0)
+    assert out.tolist() == [448.0, 448.0, 448.0, 448.0, -448.0]
+
+
+def test_static_scale_is_used_as_given() -> None:
+    fmt = get_format("fp8_e4m3")
+    x = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)) * 3
+    static = torch.full((1, 1, 1, 1), 0.001)  # far too small: most values clip
+    parts = fmt.quantize(x, static)
+    assert torch.equal(parts["codes"], float_to_e4m3_bits(x / 0.001))
+    out = fmt.dequantize(parts, static, torch.float32)
+    assert out.abs().max().item() == pytest.approx(0.448) and not out.isnan().any()
+
+
+def test_dynamic_tensor_and_head_scales() -> None:
+    x = torch.zeros(2, 3, 4, 8)
+    x[1, 2, 3, 5] = -896.0
+    x[0, 1, 0, 0] = 44.8
+    tensor_scale = get_format("fp8_e4m3").global_scale(x)
+    assert tensor_scale.shape == (1, 1, 1, 1) and tensor_scale.item() == 2.0
+    head_scale = get_format("fp8_e4m3", scaling="head").global_scale(x)
+    assert head_scale.shape == (1, 3, 1, 1)
+    assert head_scale.flatten().tolist() == [0.0, pytest.approx(0.1), 2.0]
+
+
+def test_zero_amax_decodes_to_zeros_not_nan() -> None:
+    for scaling in ("tensor", "head", "token"):
+        fmt = get_format("fp8_e4m3", scaling=scaling)
+        x = torch.zeros(1, 2, 3, 8)
+        x[0, 1, 2, 0] = 5.0  # head 0 and most tokens are all-zero
+        parts = fmt.quantize(x)
+        out = fmt.dequantize(parts, fmt.global_scale(x), torch.float32)
+        assert not out.isnan().any()
+        assert torch.equal(out, x)  # 5.0 = 448 * (5/448) lands on the grid's max exactly
+
+
+def test_token_scaling_stores_a_per_token_fp32_part() -> None:
+    fmt = get_format("fp8_e4m3", scaling="token")
+    assert not fmt.uses_global_scale and fmt.global_scale(torch.ones(1, 1, 1, 8)) is None
+    x = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(1))
+    parts = fmt.quantize(x)
+    assert parts["codes"].shape == x.shape and parts["codes"].dtype == torch.uint8
+    assert parts["scale"].shape == (2, 3, 5, 1) and parts["scale"].dtype == torch.float32
+    assert torch.equal(parts["scale"], x.abs().amax(-1, keepdim=True) / 448)
+    assert fmt.bits_per_element(128) == 8.25
+
+
+def test_bits_per_element_and_options() -> None:
+    assert get_format("fp8_e4m3").bits_per_element(128) == 8.0
+    with pytest.raises(ValueError, match="scaling"):
+        get_format("fp8_e4m3", scaling="channel")
+
+
+def test_dequantize_without_a_scale_names_the_fix() -> None:
+    fmt = get_format("fp8_e4m3")
+    parts = fmt.quantize(torch.ones(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="global scale"):
+        fmt.dequantize(parts, None, torch.float32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 255).filter(lambda b: b & 0x7F != 0x7F), min_size=1, max_size=32),
+       st.integers(-10, 10))
+def test_values_on_the_e4m3_grid_round_trip_exactly(bytes_: list[int], scale_exponent: int) -> None:
+    codes = torch.tensor(bytes_, dtype=torch.uint8)
+    scale = torch.tensor(2.0**scale_exponent)
+    x = e4m3_bits_to_float(codes) * scale
+    got = quantize_fp8_e4m3(x, scale)
+    assert torch.equal(got, codes)
+    assert torch.equal(dequantize_fp8_e4m3(got, scale), x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), magnitude=st.floats(1e-3, 1e6),
+       scaling=st.sampled_from(["tensor", "head", "token"]))
+def test_never_nan_and_relative_error_bound(seed: int, magnitude: float, scaling: str) -> None:
+    fmt = get_format("fp8_e4m3", scaling=scaling)
+    x = torch.randn(1, 2, 6, 16, generator=torch.Generator().manual_seed(seed)) * magnitude
+    scale = fmt.global_scale(x)
+    out = fmt.dequantize(fmt.quantize(x, scale), scale, torch.float32)
+    assert not out.isnan().any()
+    # normal E4M3 values carry 3 mantissa bits: relative error <= 2^-4; subnormals: 2^-10 abs
+    amax = x.abs().amax(dim=-1 if scaling == "token" else None, keepdim=True)
+    if scaling == "head":
+        amax = x.abs().amax(dim=(0, 2, 3), keepdim=True)
+    err = (x - out).abs()
+    assert (err <= x.abs() * 2.0**-4 + amax / 448 * 2.0**-10 + 1e-30).all()
