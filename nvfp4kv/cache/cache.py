@@ -1,0 +1,168 @@
+"""``QuantizedKVCache``: a transformers ``Cache`` whose full-attention layers store K/V packed.
+
+Build one per ``generate`` call with :func:`make_cache` (a cache continues from whatever it
+holds, so reusing one would prepend the previous prompt) and hand it to the model under the
+keyword :func:`cache_kwarg_name` returns (``cache`` in transformers 5, ``past_key_values``
+before)::
+
+    cache = make_cache(model, KVCacheConfig(k_format="nvfp4", v_format="nvfp4"))
+    out = model.generate(**inputs, max_new_tokens=32, **{cache_kwarg_name(model): cache})
+
+Layer types come from the model config, as in ``DynamicCache(config=...)``: full-attention
+layers get a :class:`~nvfp4kv.cache.layer.PackedKVLayer` (BF16 storage for ``skip_layers``),
+sliding-window/chunked layers keep transformers' ``DynamicSlidingWindowLayer`` unchanged (they
+hold at most a window of tokens, so they are left unquantized, and ``memory_report`` says so),
+and any other layer type (linear attention, dummy) gets transformers' own layer class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+
+from nvfp4kv.cache.backend import KVCodec, resolve_codec
+from nvfp4kv.cache.config import KVCacheConfig
+from nvfp4kv.cache.layer import PackedKVLayer
+from nvfp4kv.cache.memory import layer_memory
+from nvfp4kv.errors import BlockSizeError, ConfigError
+from nvfp4kv.formats.base import KVFormat
+
+#: layer types stored packed; everything else keeps transformers' own layer class
+QUANTIZED_LAYER_TYPES = ("full_attention",)
+
+
+class QuantizedKVCache(Cache):
+    """A cache storing every full-attention layer's K/V per ``config``.
+
+    ``model_config`` (the model's ``PretrainedConfig``) gives the layer types and head_dim, so
+    problems (a block size that does not divide head_dim, missing static scales, a skip index
+    past the last layer) are reported when the cache is built. Without it, every layer is
+    created lazily as a full-attention packed layer (handy for tests on raw tensors).
+    """
+
+    def __init__(self, config: KVCacheConfig, model_config: Any | None = None) -> None:
+        self.kv_config = config
+        self.codec: KVCodec = resolve_codec(config.backend)
+        self._k_format = config.build_format("k")
+        self._v_format = config.build_format("v")
+        self._bf16_format = config.build_format_named("bf16") if config.skip_layers else None
+        if model_config is None:
+            super().__init__(layer_class_to_replicate=self._next_lazy_layer)  # type: ignore[arg-type]
+            return
+        text_config = model_config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        self._check_model(text_config, layer_types)
+        layers = [self._layer_for(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs))]
+        super().__init__(layers=layers)
+
+    # ------------------------------------------------------------------ building layers
+    def _next_lazy_layer(self) -> PackedKVLayer:
+        return self._packed_layer(len(self.layers))
+
+    def _layer_for(self, idx: int, layer_type: str, kwargs: dict[str, Any]) -> Any:
+        if layer_type in QUANTIZED_LAYER_TYPES:
+            return self._packed_layer(idx)
+        return DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs)
+
+    def _packed_layer(self, idx: int) -> PackedKVLayer:
+        cfg = self.kv_config
+        if idx in cfg.skip_layers:
+            assert self._bf16_format is not None
+            return PackedKVLayer(self._bf16_format, self._bf16_format, layer_idx=idx, codec=self.codec,
+                                 read_mode=cfg.read_mode, nonfinite=cfg.nonfinite, is_skip=True)
+        return PackedKVLayer(
+            self._k_format, self._v_format, layer_idx=idx, codec=self.codec, read_mode=cfg.read_mode,
+            sink_tokens=cfg.sink_tokens, residual_length=cfg.residual_length, scale_policy=cfg.scale_policy,
+            static_scales=self._static_scales(idx), keep_dequantized=cfg.dequant_cache, nonfinite=cfg.nonfinite,
+        )
+
+    def _static_scales(self, idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        cfg = self.kv_config
+        if cfg.scale_policy != "static" or not (self._k_format.uses_global_scale or self._v_format.uses_global_scale):
+            return (None, None)
+        assert cfg.static_scales is not None
+        if idx not in cfg.static_scales:
+            raise ConfigError(
+                f"scale_policy='static' but static_scales has no entry for layer {idx} (it has "
+                f"{sorted(cfg.static_scales)}); give (k_scale, v_scale) for every quantized layer, or add the layer "
+                f"to skip_layers."
+            )
+        k_scale, v_scale = cfg.static_scales[idx]
+        return (_decode_scale(k_scale, self._k_format, cfg.scale_convention),
+                _decode_scale(v_scale, self._v_format, cfg.scale_convention))
+
+    def _check_model(self, text_config: Any, layer_types: list[str]) -> None:
+        cfg = self.kv_config
+        n_layers = len(layer_types)
+        if any(i >= n_layers for i in cfg.skip_layers):
+            raise ConfigError(f"skip_layers {list(cfg.skip_layers)} name layers past the model's {n_layers} layers "
+                              f"(indices 0..{n_layers - 1}).")
+        if cfg.static_scales is not None and any(i >= n_layers for i in cfg.static_scales):
+            raise ConfigError(f"static_scales has layers {sorted(cfg.static_scales)} but the model has {n_layers} "
+                              f"layers (indices 0..{n_layers - 1}).")
+        quantized = [i for i, t in enumerate(layer_types) if t in QUANTIZED_LAYER_TYPES and i not in cfg.skip_layers]
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        for which, fmt in (("K", self._k_format), ("V", self._v_format)):
+            if quantized and head_dim % fmt.block_size:
+                raise BlockSizeError(
+                    f"{which} format {fmt.name!r} quantizes blocks of {fmt.block_size} along head_dim, but this "
+                    f"model's head_dim is {head_dim}. Use a format whose block divides {head_dim} (e.g. 'fp8_e4m3'), "
+                    f"or keep the layers in BF16 with skip_layers."
+                )
+        for idx in quantized:
+            self._static_scales(idx)  # raises for a missing layer now, not mid-generation
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self) -> int:
+        """Bytes of K/V storage held by all layers: packed parts, global scales, sink and residual
+        tensors, and unquantized layers' tensors. The CPU fast path's copies are not included
+        (see :meth:`fastpath_nbytes` and :meth:`memory_report`)."""
+        return sum(row["k_bytes"] + row["v_bytes"] for row in self.memory_report())
+
+    def fastpath_nbytes(self) -> int:
+        """Extra bytes the ``dequant_cache`` fast path holds (dequantized copies); 0 when off."""
+        return sum(row["fastpath_bytes"] for row in self.memory_report())
+
+    def memory_report(self) -> list[dict[str, Any]]:
+        """One dict per layer: kind, formats, tokens, k_bytes, v_bytes, measured bits_per_element,
+        the formats' nominal bits, what BF16 would hold (bf16_bytes), and fastpath_bytes."""
+        return [layer_memory(layer, idx) for idx, layer in enumerate(self.layers)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.kv_config.label}, layers={len(self.layers)})"
+
+
+def _decode_scale(value: float, fmt: KVFormat, convention: str) -> torch.Tensor | None:
+    """A static scale as the format's FP32 decode scale ``[1, 1, 1, 1]`` (None if unused)."""
+    if not fmt.uses_global_scale:
+        return None
+    if convention != "decode" and fmt.name == "nvfp4":
+        from nvfp4kv.formats.conventions import to_decode_scale
+
+        value = to_decode_scale(value, convention)
+    return torch.tensor(value, dtype=torch.float32).reshape(1, 1, 1, 1)
+
+
+def make_cache(model: Any, kv_config: KVCacheConfig | Mapping[str, Any] | None = None) -> QuantizedKVCache:
+    """A fresh :class:`QuantizedKVCache` for ``model`` (build one per ``generate``/scoring call).
+
+    ``kv_config`` may be a :class:`KVCacheConfig`, its ``to_dict()`` form, or ``None`` (defaults:
+    NVFP4 for K and V). ``KVCacheConfig(k_format="bf16", v_format="bf16")`` on a BF16 model
+    reproduces ``DynamicCache`` bit for bit.
+    """
+    if kv_config is None:
+        kv_config = KVCacheConfig()
+    elif not isinstance(kv_config, KVCacheConfig):
+        kv_config = KVCacheConfig.from_dict(kv_config)
+    return QuantizedKVCache(kv_config, model.config)
+
+
+def cache_kwarg_name(model: Any) -> str:
+    """The keyword ``model.forward`` / ``generate`` take a cache under: ``cache`` (transformers
+    5, where ``past_key_values`` is deprecated) or ``past_key_values`` (earlier versions)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

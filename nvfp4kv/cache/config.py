@@ -1,0 +1,311 @@
+"""``KVCacheConfig``: every choice that decides what a quantized KV cache stores and reads.
+
+One frozen dataclass, validated when built, so that a bad Hydra override fails before a model is
+loaded, with a message that names the fix. It round-trips through :meth:`KVCacheConfig.to_dict`
+/ :meth:`KVCacheConfig.from_dict` (JSON/YAML-ready) so a results record says exactly which cache
+produced a number, and :attr:`KVCacheConfig.label` gives the short name tables use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from nvfp4kv.errors import ConfigError, UnknownFormatError
+from nvfp4kv.formats.base import KVFormat, get_format
+
+ScalePolicy = Literal["dynamic", "prefill", "static"]
+ReadMode = Literal["serving", "quantized", "raw_fresh"]
+NonFinite = Literal["error", "map"]
+
+SCALE_POLICIES: tuple[str, ...] = get_args(ScalePolicy)
+READ_MODES: tuple[str, ...] = get_args(ReadMode)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinite)
+#: backends the config accepts; only "torch" lives in this package, the rest in nvfp4kv.kernels
+BACKENDS: tuple[str, ...] = ("torch", "triton", "flashinfer", "auto")
+
+#: KIVI's layout for the integer baselines: keys per channel (outlier channels get their own
+#: range), values per token. Applied under any options the user gives for these formats.
+KIVI_DEFAULT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "int4": {"k": {"axis": "channel"}, "v": {"axis": "token"}},
+    "int2": {"k": {"axis": "channel"}, "v": {"axis": "token"}},
+}
+
+
+def ensure_formats_registered() -> None:
+    """Import :mod:`nvfp4kv.formats` so every built-in format is in the registry.
+
+    Tolerates the package being absent (only while it is being written, or when a test registers a
+    private format); any other import error is a real bug and propagates.
+    """
+    try:
+        importlib.import_module("nvfp4kv.formats")
+    except ModuleNotFoundError as err:
+        if err.name != "nvfp4kv.formats":
+            raise
+
+
+def default_options(format_name: str, which: Literal["k", "v"]) -> dict[str, Any]:
+    """The options a format gets for K or V before the user's own (KIVI axes for int4/int2)."""
+    return dict(KIVI_DEFAULT_OPTIONS.get(format_name, {}).get(which, {}))
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """What the KV cache stores and what attention reads back.
+
+    **Formats.** ``k_format`` / ``v_format`` name registered formats (``bf16``, ``fp8_e4m3``,
+    ``nvfp4``, ``fp4_mx_block16``, ``mxfp4``, ``int4``, ``int2``); ``k_options`` / ``v_options``
+    are passed to the format's constructor (e.g. FP8 scale granularity, KIVI ``group_size``).
+    ``int4``/``int2`` default to KIVI's layout: keys ``axis="channel"``, values ``axis="token"``.
+
+    **Global scale** (formats with a per-tensor/per-head scale: NVFP4, FP8), ``scale_policy``:
+
+    - ``"prefill"`` (default): computed from the first write (the prompt, sink tokens excluded)
+      and frozen, as HF's ``Fp8QuantizedLayer`` and serving engines with a calibrated scale do;
+      later outliers saturate. Costs one FP32 per layer per K/V.
+    - ``"dynamic"``: recomputed for every write (every chunk leaving the residual window) and
+      recorded per token row, a ``[1, h, T, 1]`` FP32 tensor: 4 bytes per token per scale head,
+      counted in :meth:`~nvfp4kv.cache.QuantizedKVCache.nbytes`. The accuracy upper bound for a
+      per-tensor scale; no engine does this per decode step.
+    - ``"static"``: ``static_scales[layer] = (k_scale, v_scale)``, given in
+      ``scale_convention`` (``"decode"``: ``amax/(6*448)`` for NVFP4, i.e. ModelOpt's exported
+      ``k_scale``; other NVFP4 conventions are converted by
+      :func:`nvfp4kv.formats.conventions.to_decode_scale`). Formats without a global scale ignore it.
+
+    **Full-precision windows** (KIVI-style): the first ``sink_tokens`` tokens and the newest
+    ``residual_length`` tokens are stored in the model's dtype; a token is quantized once it leaves
+    the residual window, in multiples of the format's ``token_group``, and never re-quantized.
+    ``skip_layers`` are stored in BF16 whatever the formats.
+
+    **read_mode**, i.e. which attention reads see quantized K/V:
+
+    - ``"serving"`` (default): a multi-token write (a prefill chunk) attends to its own raw K/V
+      plus the dequantized prefix, while a single-token decode step reads everything dequantized,
+      itself included. This is what SGLang, vLLM and TensorRT-LLM do (prefill kernels use the
+      fresh K/V they were handed; paged decode kernels read the cache after writing the token),
+      so it is the default: the numbers measure what a user of a quantized-KV server gets.
+    - ``"quantized"``: every read is dequantized, prefill chunk included (SGLang's FP4 MHA pool;
+      equivalent to fake-quantizing K/V after RoPE). The pessimistic bound.
+    - ``"raw_fresh"``: the freshly written tokens are always returned raw, decode steps included
+      (what HF's ``QuantizedCache`` effectively does on prefill; the optimistic bound).
+
+    Reads always return what is stored: sink, residual and not-yet-full-group tokens are full
+    precision in every mode.
+
+    **Other knobs.** ``dequant_cache``: CPU fast path that keeps the dequantized values of stored
+    tokens so a step dequantizes only new ones (identical outputs; the extra memory is reported
+    as ``fastpath_bytes``, never hidden in ``nbytes``). ``nonfinite``: ``"error"`` raises
+    :class:`~nvfp4kv.errors.NonFiniteKVError` naming the layer and K/V, ``"map"`` applies the
+    formats' mapping (NaN -> 0, +-Inf -> +-max). ``backend``: ``"torch"`` (the bit-exact
+    references, any device) or a kernel backend resolved by :func:`nvfp4kv.kernels.get_backend`.
+    """
+
+    k_format: str = "nvfp4"
+    v_format: str = "nvfp4"
+    k_options: dict[str, Any] = field(default_factory=dict)
+    v_options: dict[str, Any] = field(default_factory=dict)
+    scale_policy: ScalePolicy = "prefill"
+    static_scales: dict[int, tuple[float, float]] | None = None
+    scale_convention: str = "decode"
+    residual_length: int = 0
+    sink_tokens: int = 0
+    skip_layers: tuple[int, ...] = ()
+    read_mode: ReadMode = "serving"
+    dequant_cache: bool = False
+    nonfinite: NonFinite = "error"
+    backend: str = "torch"
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        for which in ("k", "v"):
+            self._check_format(which)
+        self._check_choice("scale_policy", self.scale_policy, SCALE_POLICIES)
+        self._check_choice("read_mode", self.read_mode, READ_MODES)
+        self._check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        self._check_choice("backend", self.backend, BACKENDS)
+        for name in ("residual_length", "sink_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (number of tokens kept full precision); got {value!r}.")
+        if not isinstance(self.dequant_cache, bool):
+            raise ConfigError(f"dequant_cache must be true or false; got {self.dequant_cache!r}.")
+        object.__setattr__(self, "skip_layers", self._normalized_skip_layers())
+        object.__setattr__(self, "static_scales", self._normalized_static_scales())
+        self._check_convention()
+
+    @staticmethod
+    def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not supported; use one of {', '.join(choices)}.")
+
+    def _check_format(self, which: Literal["k", "v"]) -> None:
+        fmt_field, opt_field = f"{which}_format", f"{which}_options"
+        name, options = getattr(self, fmt_field), getattr(self, opt_field)
+        if not isinstance(name, str):
+            raise ConfigError(f"{fmt_field} must be a format name (a string); got {name!r}.")
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"{opt_field} must be a mapping of format options; got {options!r}.")
+        merged = {**default_options(name, which), **dict(options)}
+        object.__setattr__(self, opt_field, merged)
+        self.build_format(which)  # raises UnknownFormatError / ConfigError now, not mid-generation
+
+    def _normalized_skip_layers(self) -> tuple[int, ...]:
+        layers = self.skip_layers
+        if layers is None:
+            return ()
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        try:
+            out = tuple(sorted({int(i) for i in layers}))
+        except (TypeError, ValueError):
+            raise ConfigError(f"skip_layers must be a list of layer indices; got {self.skip_layers!r}.") from None
+        if any(i < 0 for i in out):
+            raise ConfigError(f"skip_layers holds a negative index: {list(out)}. Use 0-based layer indices.")
+        return out
+
+    def _normalized_static_scales(self) -> dict[int, tuple[float, float]] | None:
+        scales = self.static_scales
+        if self.scale_policy != "static":
+            if scales:
+                raise ConfigError(
+                    f"static_scales were given but scale_policy={self.scale_policy!r} ignores them; "
+                    f"set scale_policy='static' or drop static_scales."
+                )
+            return None
+        if not scales or not isinstance(scales, Mapping):
+            raise ConfigError(
+                "scale_policy='static' needs static_scales: a mapping {layer_index: (k_scale, v_scale)} "
+                f"in the '{self.scale_convention}' convention; got {scales!r}."
+            )
+        out: dict[int, tuple[float, float]] = {}
+        for key, pair in scales.items():
+            try:
+                layer = int(key)
+                k_scale, v_scale = (float(s) for s in pair)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"static_scales[{key!r}] must be a (k_scale, v_scale) pair of numbers keyed by layer index; "
+                    f"got {pair!r}."
+                ) from None
+            for s in (k_scale, v_scale):
+                if not math.isfinite(s) or s <= 0:
+                    raise ConfigError(f"static_scales[{layer}] = {pair!r}: scales must be finite and > 0.")
+            out[layer] = (k_scale, v_scale)
+        return dict(sorted(out.items()))
+
+    def _check_convention(self) -> None:
+        if self.scale_convention == "decode":
+            return
+        try:
+            from nvfp4kv.formats.conventions import available_conventions
+        except ModuleNotFoundError:
+            raise ConfigError(
+                f"scale_convention={self.scale_convention!r} needs nvfp4kv.formats.conventions, which is "
+                f"not installed; give scales in the 'decode' convention."
+            ) from None
+        if self.scale_convention not in available_conventions():
+            raise ConfigError(
+                f"Unknown scale_convention {self.scale_convention!r}; use one of {', '.join(available_conventions())}."
+            )
+        if self.scale_policy == "static":
+            others = {f for f in (self.k_format, self.v_format) if f != "nvfp4" and self.build_format_named(f).uses_global_scale}
+            if others:
+                raise ConfigError(
+                    f"scale_convention={self.scale_convention!r} is an NVFP4 convention, but static scales are also "
+                    f"used by {sorted(others)}; give all scales in the 'decode' convention (each format's own "
+                    f"decode scale, e.g. amax/448 for FP8)."
+                )
+
+    # ------------------------------------------------------------------ formats
+    def build_format(self, which: Literal["k", "v"]) -> KVFormat:
+        """The K or V format object (with its options and this config's nonfinite policy)."""
+        name = self.k_format if which == "k" else self.v_format
+        options = self.k_options if which == "k" else self.v_options
+        return self.build_format_named(name, options, which)
+
+    def build_format_named(self, name: str, options: Mapping[str, Any] | None = None,
+                           which: str = "k") -> KVFormat:
+        ensure_formats_registered()
+        options = dict(options or {})
+        options.setdefault("nonfinite", self.nonfinite)
+        try:
+            return get_format(name, **options)
+        except UnknownFormatError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"Format {name!r} rejected the options {options!r} ({err}); fix {which}_options "
+                f"(see the format's class for its fields)."
+            ) from None
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists, not tuples) that :meth:`from_dict` turns back into this config."""
+        out = dataclasses.asdict(self)
+        out["skip_layers"] = list(self.skip_layers)
+        if self.static_scales is not None:
+            out["static_scales"] = {int(k): list(v) for k, v in self.static_scales.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KVCacheConfig:
+        """Build from a dict (e.g. ``to_dict()`` output, a JSON record or a Hydra DictConfig)."""
+        try:  # Hydra hands DictConfig objects; make them plain containers first
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(data, DictConfig):
+                data = OmegaConf.to_container(data, resolve=True)  # type: ignore[assignment]
+        except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
+            pass
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"KVCacheConfig.from_dict needs a mapping; got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown KV cache config keys {unknown}; valid keys are {sorted(known)}.")
+        return cls(**dict(data))
+
+    # ------------------------------------------------------------------ naming
+    @property
+    def label(self) -> str:
+        """Short name for tables: ``nvfp4``, ``k-fp8_e4m3/v-nvfp4``, ``nvfp4+res128``.
+
+        Only what differs from the defaults is spelled out (options beyond the KIVI axes, policy,
+        windows, skipped layers, read mode), so two configs with the same label store the same bits
+        (the backend and the CPU fast path change no bits and are not part of the label).
+        """
+        k = self.k_format + self._options_suffix("k")
+        v = self.v_format + self._options_suffix("v")
+        name = k if k == v else f"k-{k}/v-{v}"
+        extras = []
+        if self.scale_policy != "prefill":
+            extras.append(self.scale_policy)
+        if self.scale_policy == "static" and self.scale_convention != "decode":
+            extras.append(self.scale_convention)
+        if self.sink_tokens:
+            extras.append(f"sink{self.sink_tokens}")
+        if self.residual_length:
+            extras.append(f"res{self.residual_length}")
+        if self.skip_layers:
+            extras.append("skip" + ",".join(str(i) for i in self.skip_layers))
+        if self.read_mode != "serving":
+            extras.append(self.read_mode)
+        if self.nonfinite != "error":
+            extras.append("mapnonfinite")
+        return "+".join([name, *extras])
+
+    def _options_suffix(self, which: Literal["k", "v"]) -> str:
+        name = self.k_format if which == "k" else self.v_format
+        options = self.k_options if which == "k" else self.v_options
+        defaults = default_options(name, which)
+        extra = {key: val for key, val in options.items() if defaults.get(key, object()) != val}
+        if not extra:
+            return ""
+        return "(" + ",".join(f"{key}={extra[key]}" for key in sorted(extra)) + ")"

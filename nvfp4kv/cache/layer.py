@@ -1,0 +1,168 @@
+"""``PackedKVLayer``: one attention layer's K/V cache, stored packed, under transformers' layer contract.
+
+It subclasses :class:`transformers.cache_utils.DynamicLayer` so that everything transformers
+asks of a layer (mask sizes, ``get_seq_length``, beam reordering, crop, batch repeat/select)
+works, but keeps K and V in two :class:`~nvfp4kv.cache.stream.PackedStream` objects instead of
+``self.keys`` / ``self.values`` (which stay empty). ``update`` returns K/V in the dtype of the
+incoming states (the query's dtype: SDPA and eager attention reject mixed or FP8 inputs), and
+which tokens come back dequantized is the config's ``read_mode``
+(see :class:`~nvfp4kv.cache.config.KVCacheConfig`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from nvfp4kv.cache.backend import KVCodec, TorchCodec
+from nvfp4kv.cache.stream import PackedStream
+from nvfp4kv.errors import NonFiniteKVError
+from nvfp4kv.formats.base import KVFormat
+
+
+class PackedKVLayer(DynamicLayer):
+    """K and V of one full-attention layer, stored in ``k_format`` / ``v_format``.
+
+    ``static_scales`` is ``(k_scale, v_scale)`` as FP32 tensors in each format's decode
+    convention (already converted), used only by the ``static`` policy.
+    """
+
+    def __init__(
+        self,
+        k_format: KVFormat,
+        v_format: KVFormat,
+        *,
+        layer_idx: int,
+        codec: KVCodec | None = None,
+        read_mode: str = "serving",
+        sink_tokens: int = 0,
+        residual_length: int = 0,
+        scale_policy: str = "prefill",
+        static_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        keep_dequantized: bool = False,
+        nonfinite: str = "error",
+        is_skip: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        #: a ``skip_layers`` entry (BF16 storage) rather than a quantized layer
+        self.is_skip = is_skip
+        #: head_dim of K and V, known after the first update
+        self.head_dims: tuple[int, int] = (0, 0)
+        self.read_mode = read_mode
+        self.nonfinite = nonfinite
+        codec = codec or TorchCodec()
+        common: dict[str, Any] = dict(
+            sink_tokens=sink_tokens, residual_length=residual_length, scale_policy=scale_policy,
+            keep_dequantized=keep_dequantized,
+        )
+        self.k_stream = PackedStream(k_format, codec, label=f"layer {layer_idx} K", static_scale=static_scales[0], **common)
+        self.v_stream = PackedStream(v_format, codec, label=f"layer {layer_idx} V", static_scale=static_scales[1], **common)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer_idx}, k={self.k_format.name}, v={self.v_format.name})"
+
+    @property
+    def k_format(self) -> KVFormat:
+        return self.k_stream.fmt
+
+    @property
+    def v_format(self) -> KVFormat:
+        return self.v_stream.fmt
+
+    @property
+    def is_croppable(self) -> bool:  # type: ignore[override]
+        """Exact rollback is possible only when no token group can be cut (see PackedStream.crop)."""
+        return self.k_format.token_group == 1 and self.v_format.token_group == 1
+
+    # ------------------------------------------------------------------ the layer contract
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.head_dims = (key_states.shape[-1], value_states.shape[-1])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new K/V ``[B, H_kv, t, D]`` and return the K/V attention reads."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_before = self.get_seq_length()
+        if self.nonfinite == "error":
+            self._check_finite(key_states, "K", n_before)
+            self._check_finite(value_states, "V", n_before)
+        self.k_stream.append(key_states)
+        self.v_stream.append(value_states)
+        fresh_raw = self.read_mode == "raw_fresh" or (self.read_mode == "serving" and key_states.shape[-2] > 1)
+        return (
+            self._read(self.k_stream, key_states, n_before, fresh_raw),
+            self._read(self.v_stream, value_states, n_before, fresh_raw),
+        )
+
+    @staticmethod
+    def _read(stream: PackedStream, fresh: torch.Tensor, n_before: int, fresh_raw: bool) -> torch.Tensor:
+        if stream.n_tokens == 0 or (fresh_raw and n_before == 0):
+            return fresh
+        if not fresh_raw:
+            return stream.read(fresh.dtype)
+        return torch.cat([stream.read(fresh.dtype, upto=n_before), fresh], dim=-2)
+
+    def _check_finite(self, x: torch.Tensor, which: str, n_before: int) -> None:
+        finite = torch.isfinite(x)
+        if bool(finite.all()):
+            return
+        b, h, t, _ = (~finite).nonzero()[0].tolist()
+        raise NonFiniteKVError(
+            f"Layer {self.layer_idx} {which} holds NaN/Inf (first at batch {b}, kv head {h}, token {n_before + t}); "
+            f"the KV formats cannot encode them. Fix the model's numerics (e.g. run it in bfloat16 or float32 "
+            f"rather than float16), or set nonfinite='map' (NaN -> 0, +-Inf -> +-max)."
+        )
+
+    def get_seq_length(self) -> int:
+        """Every stored token: sink + packed + pending (masks and positions depend on it)."""
+        return self.k_stream.n_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.k_stream.reset()
+        self.v_stream.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove ``-tokens_to_remove`` newest tokens (transformers 5 passes a negative count).
+
+        Exact for token-wise formats; for ``token_group > 1`` see :meth:`PackedStream.crop`.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"Calling `crop` with a positive value ({tokens_to_remove}) is not supported; pass a negative "
+                f"number of tokens to remove, as transformers does."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.k_stream.crop(-tokens_to_remove)
+        self.v_stream.crop(-tokens_to_remove)
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.get_seq_length() > 0:
+            self.k_stream.map_batch(fn)
+            self.v_stream.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder every stored tensor (packed parts included) along the batch."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self) -> int:
+        """Storage held for K and V (parts, scales, sink, pending); not the fast path."""
+        return self.k_stream.nbytes() + self.v_stream.nbytes()
+
+    def fastpath_nbytes(self) -> int:
+        return self.k_stream.fastpath_nbytes() + self.v_stream.fastpath_nbytes()
