@@ -1,0 +1,332 @@
+"""The analysis API on a generated results fixture: find runs, load, merge, compare, export, plot.
+
+Expected values are recomputed independently from the fixture's files (cell JSONs, sample
+JSONL) rather than copied from the code under test, so a loader that drops rows, a comparison
+against the wrong baseline or a CI that ignores the pairing fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from fixtures_results import CONTEXT_LENS, DEPTHS, KVS, MODEL, write_results_fixture
+from nvfp4kv import analysis as A
+from nvfp4kv import stats
+from nvfp4kv.analysis.runs import find_repo_root
+
+RUN_A, RUN_B = "20250101-000000-fix0", "20250102-000000-fix1"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two runs of one sweep: A with the derived report files, B cells only (as a resumed run may be)."""
+    base = tmp_path_factory.mktemp("runs")
+    write_results_fixture(base, run_id=RUN_A, seed=0)
+    write_results_fixture(base, run_id=RUN_B, seed=1, with_report=False)
+    return base
+
+
+@pytest.fixture(scope="module")
+def run_a(root: Path) -> Path:
+    return root / "fixture" / RUN_A
+
+
+def _cells(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "cells").glob("*.json"))]
+
+
+def _samples(run_dir: Path, task: str, kv: str) -> list[dict]:
+    path = run_dir / "samples" / f"{MODEL}__{task}__{kv}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- finding runs
+def test_resolve_run_dirs_accepts_dir_parent_glob_and_list(root: Path, run_a: Path) -> None:
+    run_b = root / "fixture" / RUN_B
+    assert A.resolve_run_dirs(run_a) == [run_a.resolve()]
+    assert A.resolve_run_dirs(root) == [run_a.resolve(), run_b.resolve()]
+    assert A.resolve_run_dirs(str(root / "fixture" / "2025010[12]-*")) == [run_a.resolve(), run_b.resolve()]
+    assert A.resolve_run_dirs([run_b, run_a, run_a]) == [run_a.resolve(), run_b.resolve()]
+
+
+def test_missing_results_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"experiments\.run \+sweep=smoke"):
+        A.resolve_run_dirs(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        A.load_results(tmp_path / "empty")
+
+
+def test_latest_run_is_the_one_that_wrote_a_cell_last(tmp_path: Path) -> None:
+    old = write_results_fixture(tmp_path, run_id="20990101-000000-zzz", with_report=False)  # larger id, older cells
+    new = write_results_fixture(tmp_path, run_id="20200101-000000-aaa", with_report=False)
+    past = time.time() - 3600
+    for p in (old / "cells").glob("*.json"):
+        os.utime(p, (past, past))
+    assert A.latest_run(tmp_path) == new.resolve()
+    # a resumed run that writes a new cell becomes the latest again
+    os.utime(next((old / "cells").glob("*.json")), None)
+    assert A.latest_run(tmp_path) == old.resolve()
+
+
+def test_default_results_path_env_override_and_optional(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        run_a: Path) -> None:
+    monkeypatch.setenv(A.RESULTS_ENV, str(run_a))
+    assert A.default_results_path() == run_a
+    monkeypatch.delenv(A.RESULTS_ENV)
+    monkeypatch.chdir(tmp_path)  # no repo above, no results/runs
+    assert find_repo_root() is None
+    assert A.default_results_path(required=False) is None
+    with pytest.raises(FileNotFoundError):
+        A.default_results_path()
+
+
+def test_repo_root_found_from_notebooks_dir() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert find_repo_root(repo / "notebooks") == repo
+
+
+# ---------------------------------------------------------------------------- loading
+def test_load_results_is_tidy_and_matches_the_cells(run_a: Path) -> None:
+    df = A.load_results(run_a)
+    assert list(df.columns[:10]) == ["model", "task", "metric", "kv", "policy", "value", "stderr", "n", "run_id",
+                                     "bits_per_element"]
+    cells = _cells(run_a)
+    assert len(df) == sum(len(c["metrics"]) for c in cells)
+    for cell in cells:
+        for metric, m in cell["metrics"].items():
+            row = df[(df.task == cell["task"]) & (df.kv == cell["kv"]) & (df.metric == metric)]
+            assert len(row) == 1
+            assert row["value"].item() == pytest.approx(m["value"])
+            assert row["bits_per_element"].item() == cell["bits_per_element"]
+    assert set(df["policy"]) == {"prefill/serving"}
+
+
+def test_load_results_agrees_with_the_runners_results_csv(run_a: Path) -> None:
+    df = A.load_results(run_a)
+    csv = pd.read_csv(run_a / "results.csv")
+    key = ["task", "metric", "kv"]
+    merged = csv.merge(df, on=key, suffixes=("_csv", ""))
+    assert len(merged) == len(csv) == len(df)
+    np.testing.assert_allclose(merged["value_csv"], merged["value"])
+
+
+def test_load_results_merges_runs(root: Path) -> None:
+    df = A.load_results(root)
+    one = A.load_results(root / "fixture" / RUN_A)
+    assert sorted(df["run_id"].unique()) == [RUN_A, RUN_B]
+    assert len(df) == 2 * len(one)
+
+
+def test_load_samples_long_and_paired(run_a: Path) -> None:
+    samples = A.load_samples(run_a, task="gsm8k")
+    assert set(samples["task"]) == {"gsm8k"}
+    assert set(samples["metric"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    per_kv = samples[samples.metric == "exact_match,strict-match"].groupby("kv")["doc_id"].apply(sorted)
+    assert per_kv["bf16"] == per_kv["nvfp4"] == per_kv["fp8_e4m3"] == list(range(40))
+    raw = _samples(run_a, "gsm8k", "nvfp4")
+    got = samples[(samples.kv == "nvfp4") & (samples.metric == "exact_match,strict-match")].sort_values("doc_id")
+    assert got["value"].tolist() == [s["metrics"]["exact_match,strict-match"] for s in raw]
+    passkey = A.load_samples(run_a, task="passkey", kv="bf16")
+    assert set(passkey["context_len"]) == set(CONTEXT_LENS) and set(passkey["depth"]) == set(DEPTHS)
+
+
+def test_load_grid_and_per_layer(run_a: Path) -> None:
+    grid = A.load_grid(run_a)
+    assert len(grid) == len(KVS) * len(CONTEXT_LENS) * len(DEPTHS)
+    cell = json.loads((run_a / "cells" / f"{MODEL}__passkey__nvfp4.json").read_text())
+    expected = {(g["context_len"], g["depth"]): g["acc"] for g in cell["extra"]["grid"]}
+    got = grid[grid.kv == "nvfp4"].set_index(["context_len", "depth"])["acc"].to_dict()
+    assert got == expected
+    layers = A.load_per_layer(run_a)
+    assert set(layers["kind"]) == {"k", "v"}
+    assert layers[layers.kv == "bf16"]["sqnr_db"].isna().all()  # lossless: stored as null
+    assert layers[layers.kv == "nvfp4"]["sqnr_db"].notna().all()
+
+
+# ---------------------------------------------------------------------------- compare
+def _row(cmp: pd.DataFrame, run: str, task: str, metric: str, kv: str) -> pd.Series:
+    sel = cmp[(cmp.run_id == run) & (cmp.task == task) & (cmp.metric == metric) & (cmp.kv == kv)]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_compare_paired_ci_is_stats_paired_deltas_on_the_raw_samples(root: Path, run_a: Path) -> None:
+    df, samples = A.load_results(root), A.load_samples(root)
+    cmp = A.compare(df, samples=samples, n_boot=500, seed=3)
+    metric = "exact_match,strict-match"
+    row = _row(cmp, RUN_A, "gsm8k", metric, "nvfp4")
+    base = _row(cmp, RUN_A, "gsm8k", metric, "bf16")
+    expected = stats.paired_deltas(_samples(run_a, "gsm8k", "bf16"), _samples(run_a, "gsm8k", "nvfp4"), metric,
+                                   n_boot=500, seed=3)
+    assert row["delta"] == pytest.approx(row["value"] - base["value"])
+    assert row["delta"] == pytest.approx(expected["delta"])
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected["ci_low"], expected["ci_high"]))
+    assert row["p_mcnemar"] == pytest.approx(expected["p_mcnemar"])
+    assert row["ci_method"] == "paired-bootstrap" and row["n_paired"] == 40
+    assert base["delta"] == 0 and math.isnan(base["ci_low"])
+
+
+def test_compare_uses_each_runs_own_baseline(root: Path) -> None:
+    cmp = A.compare(A.load_results(root))
+    for run in (RUN_A, RUN_B):
+        row = _row(cmp, run, "mmlu", "acc,none", "nvfp4")
+        assert row["baseline_value"] == _row(cmp, run, "mmlu", "acc,none", "bf16")["value"]
+
+
+def test_compare_without_samples_falls_back_to_unpaired_and_pairing_is_tighter(run_a: Path) -> None:
+    df = A.load_results(run_a)
+    unpaired = _row(A.compare(df), RUN_A, "passkey", "acc", "nvfp4")
+    base = _row(df, RUN_A, "passkey", "acc", "bf16")
+    half = 1.959963984540054 * math.hypot(unpaired["stderr"], base["stderr"])
+    assert unpaired["ci_method"] == "unpaired-normal"
+    assert (unpaired["ci_low"], unpaired["ci_high"]) == pytest.approx((unpaired["delta"] - half, unpaired["delta"] + half))
+    paired = _row(A.compare(df, samples=A.load_samples(run_a)), RUN_A, "passkey", "acc", "nvfp4")
+    # the fixture's formats share most outcomes, as real formats do: pairing removes that variance
+    assert paired["ci_high"] - paired["ci_low"] < unpaired["ci_high"] - unpaired["ci_low"]
+
+
+def test_compare_leaves_rows_without_finite_baseline_empty(run_a: Path) -> None:
+    cmp = A.compare(A.load_results(run_a))
+    sqnr = _row(cmp, RUN_A, "fidelity", "sqnr_db_k", "nvfp4")  # BF16 has no SQNR (lossless)
+    assert math.isnan(sqnr["delta"]) and pd.isna(sqnr["ci_method"])
+
+
+def test_paired_by_context_length(run_a: Path) -> None:
+    samples = A.load_samples(run_a)
+    by_len = A.paired_by(samples, "context_len", task="passkey", metric="acc", n_boot=200)
+    assert sorted(by_len["context_len"].unique()) == list(CONTEXT_LENS)
+    assert set(by_len["kv"]) == {"fp8_e4m3", "nvfp4"}
+    base, nv = _samples(run_a, "passkey", "bf16"), _samples(run_a, "passkey", "nvfp4")
+    for length in CONTEXT_LENS:
+        a = [s["metrics"]["acc"] for s in base if s["context_len"] == length]
+        b = [s["metrics"]["acc"] for s in nv if s["context_len"] == length]
+        row = by_len[(by_len.kv == "nvfp4") & (by_len.context_len == length)].iloc[0]
+        assert row["n"] == len(a) == len(DEPTHS) * 4
+        assert row["delta"] == pytest.approx(np.mean(b) - np.mean(a))
+
+
+# ---------------------------------------------------------------------------- selection & tables
+@pytest.mark.parametrize(("metric", "expected"), [
+    ("exact_match,strict-match", True), ("acc,none", True), ("acc@2048", True),
+    ("top1_agree", False), ("kl_mean", False), ("sqnr_db_k", False), ("attn_rel_err_v", False),
+])
+def test_accuracy_metrics(metric: str, expected: bool) -> None:
+    assert A.is_accuracy_metric(metric) is expected
+
+
+def test_headline_table_one_primary_metric_per_task(root: Path, run_a: Path) -> None:
+    cmp = A.compare(A.load_results(run_a), samples=A.load_samples(run_a), n_boot=200)
+    table = A.headline_table(cmp)
+    assert list(table[["task", "metric"]].drop_duplicates().itertuples(index=False, name=None)) == [
+        ("gsm8k", "exact_match,strict-match"), ("mmlu", "acc,none"), ("passkey", "acc")]
+    assert table.groupby("task")["kv"].apply(list).tolist() == [["bf16", "fp8_e4m3", "nvfp4"]] * 3
+    delta_col = "Δ vs bf16 (points) [95% CI]"
+    assert (table[table.kv == "bf16"][delta_col] == "(baseline)").all()
+    nv = cmp[(cmp.task == "passkey") & (cmp.metric == "acc") & (cmp.kv == "nvfp4")].iloc[0]
+    shown = table[(table.task == "passkey") & (table.kv == "nvfp4")][delta_col].item()
+    assert shown == stats.format_delta(100 * nv["delta"], 100 * nv["ci_low"], 100 * nv["ci_high"], 1)
+    assert "run_id" not in table
+    assert "run_id" in A.headline_table(A.compare(A.load_results(root)))
+
+
+def test_exports_markdown_csv_latex(run_a: Path, tmp_path: Path) -> None:
+    cmp = A.compare(A.load_results(run_a), samples=A.load_samples(run_a), n_boot=200)
+    table = A.headline_table(cmp)
+    md = A.to_markdown(table, tmp_path / "t.md")
+    lines = md.strip().splitlines()
+    assert len(lines) == len(table) + 2 and lines[0].startswith("| model")
+    assert (tmp_path / "t.md").read_text() == md
+    csv = A.to_csv(table, tmp_path / "t.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv", dtype=str, keep_default_na=False),
+                                  table.astype(str), check_dtype=False)
+    assert csv == (tmp_path / "t.csv").read_text()
+    tex = A.to_latex(table, tmp_path / "t.tex", caption="KV formats", label="tab:kv")
+    assert r"\begin{tabular}" in tex and r"\toprule" in tex and r"\label{tab:kv}" in tex
+    assert r"exact\_match" in tex and r"$\Delta$ vs bf16" in tex and r"$\pm$" in tex
+    assert "Δ" not in tex and "±" not in tex
+
+
+# ---------------------------------------------------------------------------- plots
+def _images(fig: Figure) -> list[np.ndarray]:
+    return [np.asarray(im.get_array(), dtype=float) for ax in fig.axes for im in ax.get_images()]
+
+
+def test_plot_accuracy_bars_are_the_values(run_a: Path) -> None:
+    df = A.load_results(run_a)
+    fig = A.plot_accuracy(df)
+    panels = [ax for ax in fig.axes if ax.patches]
+    assert len(panels) == 3  # gsm8k, mmlu, passkey; fidelity is not an accuracy
+    heights = [round(p.get_height(), 6) for p in panels[2].patches]
+    passkey = df[(df.task == "passkey") & (df.metric == "acc")].set_index("kv")["value"]
+    assert heights == [round(passkey[kv], 6) for kv in ("bf16", "fp8_e4m3", "nvfp4")]
+
+
+def test_plot_delta_vs_bits_points(run_a: Path) -> None:
+    cmp = A.compare(A.load_results(run_a), samples=A.load_samples(run_a), n_boot=200)
+    fig = A.plot_delta_vs_bits(cmp)
+    ax = fig.axes[0]
+    ys = sorted(round(float(y), 6) for bars in ax.containers for y in bars.lines[0].get_ydata())
+    rows = A.primary_rows(A.accuracy_rows(cmp))
+    assert ys == sorted(round(100 * d, 6) for d in rows["delta"])
+    assert ax.get_xscale() == "log"
+
+
+def test_plot_retrieval_heatmaps_show_the_grid(run_a: Path) -> None:
+    grid = A.load_grid(run_a)
+    fig = A.plot_retrieval_heatmaps(grid)
+    images = _images(fig)
+    assert len(images) == len(KVS)
+    expected = grid[grid.kv == "nvfp4"].pivot_table(index="depth", columns="context_len", values="acc").to_numpy()
+    np.testing.assert_array_equal(images[2], expected)  # panels in display order: bf16, fp8, nvfp4
+    assert isinstance(A.plot_retrieval_by_length(grid), Figure)
+
+
+def test_plot_layer_sqnr_panels_and_lossless_note(run_a: Path) -> None:
+    per_layer = A.load_per_layer(run_a)
+    fig = A.plot_layer_sqnr(per_layer)
+    images = _images(fig)
+    assert len(images) == 4  # fp8 and nvfp4, K and V; BF16 has no finite SQNR
+    nv_k = per_layer[(per_layer.kv == "nvfp4") & (per_layer.kind == "k")]
+    np.testing.assert_allclose(images[2], nv_k.pivot_table(index="layer", columns="head", values="sqnr_db").to_numpy())
+    assert "bf16" in fig._suptitle.get_text()
+
+
+def test_plots_on_empty_frames_say_what_is_missing(tmp_path: Path) -> None:
+    for fig in (A.plot_retrieval_heatmaps(pd.DataFrame(columns=["kv"])),
+                A.plot_layer_sqnr(pd.DataFrame(columns=["kv", "kind", "sqnr_db"]))):
+        assert isinstance(fig, Figure)
+        assert any("No" in t.get_text() for ax in fig.axes for t in ax.texts)
+        fig.savefig(tmp_path / "empty.png")
+
+
+# ---------------------------------------------------------------------------- figure script
+def test_make_figures_writes_the_readme_figures(run_a: Path, tmp_path: Path) -> None:
+    from experiments.make_figures import main
+
+    assert main([str(run_a), "--out", str(tmp_path), "--n-boot", "200", "--dpi", "60"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["accuracy.png", "accuracy_vs_memory.png", "layer_sqnr.png", "retrieval_heatmap.png"]
+    for p in tmp_path.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_figures_skips_what_the_run_lacks(tmp_path: Path) -> None:
+    from experiments.make_figures import main
+
+    run = write_results_fixture(tmp_path / "runs", with_report=False)
+    for p in (run / "cells").glob("*.json"):
+        if "__gsm8k__" not in p.name:
+            p.unlink()
+    out = tmp_path / "figs"
+    assert main([str(run), "--out", str(out), "--n-boot", "100", "--dpi", "50"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "accuracy_vs_memory.png"]
