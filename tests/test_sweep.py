@@ -218,7 +218,7 @@ def _run_cli(monkeypatch, *args: str) -> None:
         GlobalHydra.instance().clear()
 
 
-FAKE_TASK_OVERRIDES = ("~tasks.gsm8k", "~tasks.mmlu", "~tasks.passkey",
+FAKE_TASK_OVERRIDES = ("~tasks.gsm8k", "~tasks.mmlu", "~tasks.passkey", "~tasks.fidelity",
                        "+tasks.alpha={kind:fake_acc,limit:3}", "~kvs.fp8")
 
 
