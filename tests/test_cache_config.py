@@ -54,7 +54,7 @@ def test_dict_round_trip_through_json():
 
 
 def test_from_dict_accepts_a_hydra_dictconfig():
-    from omegaconf import OmegaConf
+    OmegaConf = pytest.importorskip("omegaconf").OmegaConf
 
     cfg = KVCacheConfig.from_dict(OmegaConf.create({"k_format": "bf16", "v_format": "bf16", "skip_layers": [0]}))
     assert cfg.skip_layers == (0,) and cfg.k_format == "bf16"

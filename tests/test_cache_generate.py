@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 
 import pytest
@@ -44,7 +46,8 @@ def _generate(model, cache=None, **kwargs):
 
 
 def test_cache_kwarg_name_follows_the_forward_signature(bf16_llama):
-    assert cache_kwarg_name(bf16_llama) == "cache"  # transformers 5
+    takes_cache = "cache" in inspect.signature(bf16_llama.forward).parameters  # transformers >= 5.2x renamed it
+    assert cache_kwarg_name(bf16_llama) == ("cache" if takes_cache else "past_key_values")
 
     class Legacy:
         def forward(self, input_ids, past_key_values=None):
@@ -68,14 +71,16 @@ def test_bf16_cache_reproduces_dynamic_cache_bit_for_bit(bf16_llama):
 def test_both_cache_keywords_work_in_generate(bf16_llama):
     ids, mask = _batch()
     outs = []
-    for kwarg in ("cache", "past_key_values"):
+    kwargs = ("cache", "past_key_values") if "cache" in inspect.signature(bf16_llama.forward).parameters else (
+        "past_key_values",)  # older transformers 5.x releases know only the old name
+    for kwarg in kwargs:
         cache = make_cache(bf16_llama, KVCacheConfig())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # past_key_values is deprecated in transformers 5
             outs.append(bf16_llama.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                             pad_token_id=0, **{kwarg: cache}))
         assert cache.get_seq_length() == 10 + NEW_TOKENS - 1, kwarg  # the cache given was the one used
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(outs[0], out) for out in outs)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -173,16 +178,16 @@ def test_assisted_decoding_crops_token_wise_caches_and_refuses_kivi_groups(bf16_
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
     ids[0, 6:] = ids[0, :6]  # a repeat gives the lookup drafts to propose
     bf16 = KVCacheConfig(k_format="bf16", v_format="bf16")
-    plain = bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, cache=DynamicCache(config=bf16_llama.config))
+    plain = bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, **{cache_kwarg_name(bf16_llama): DynamicCache(config=bf16_llama.config)})
     cache = make_cache(bf16_llama, bf16)
-    assisted = bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, prompt_lookup_num_tokens=3)
+    assisted = bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, **{cache_kwarg_name(bf16_llama): cache}, prompt_lookup_num_tokens=3)
     assert torch.equal(assisted, plain) and cache.get_seq_length() == 12 + 8 - 1
     cache = make_cache(bf16_llama, KVCacheConfig())
-    bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, prompt_lookup_num_tokens=3)
+    bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, **{cache_kwarg_name(bf16_llama): cache}, prompt_lookup_num_tokens=3)
     assert cache.get_seq_length() == 12 + 8 - 1
     with pytest.raises(ValueError, match="cropped"):
         bf16_llama.generate(ids, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3,
-                            cache=make_cache(bf16_llama, KVCacheConfig(k_format="int4", v_format="int4")))
+                            **{cache_kwarg_name(bf16_llama): make_cache(bf16_llama, KVCacheConfig(k_format="int4", v_format="int4"))})
 
 
 def test_a_deep_copied_cache_continues_exactly_like_the_original(bf16_llama):

@@ -55,6 +55,8 @@ class QuantizedKVCache(Cache):
             return
         text_config = model_config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if isinstance(layer_kwargs, Mapping):  # transformers <= 5.17: one kwargs dict shared by all layers
+            layer_kwargs = [dict(layer_kwargs) for _ in layer_types]
         self._check_model(text_config, layer_types)
         layers = [self._layer_for(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs))]
         super().__init__(layers=layers)
