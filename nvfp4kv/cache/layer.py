@@ -7,12 +7,19 @@ works, but keeps K and V in two :class:`~nvfp4kv.cache.stream.PackedStream` obje
 incoming states (the query's dtype: SDPA and eager attention reject mixed or FP8 inputs), and
 which tokens come back dequantized is the config's ``read_mode``
 (see :class:`~nvfp4kv.cache.config.KVCacheConfig`).
+
+Fused decode (``attn_implementation="nvfp4kv_decode"``, see
+:mod:`nvfp4kv.kernels.attention_interface`): every ``update`` offers the layer as a reader
+probe, and that attention function claims it when it could run the fused kernel. On a decode
+step after such a claim, the layer returns zero-memory stand-ins carrying a
+:meth:`PackedKVLayer.packed_view` instead of dequantizing its whole history, so the kernel
+reads the packed bytes directly. Any other attention function never claims, and gets real K/V.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -21,6 +28,9 @@ from nvfp4kv.cache.backend import KVCodec, TorchCodec
 from nvfp4kv.cache.stream import PackedStream
 from nvfp4kv.errors import NonFiniteKVError
 from nvfp4kv.formats.base import KVFormat
+
+if TYPE_CHECKING:
+    from nvfp4kv.kernels.attention_interface import PackedKVView
 
 
 class PackedKVLayer(DynamicLayer):
@@ -54,6 +64,8 @@ class PackedKVLayer(DynamicLayer):
         self.head_dims: tuple[int, int] = (0, 0)
         self.read_mode = read_mode
         self.nonfinite = nonfinite
+        #: the attention function of the previous call reads packed views (renewed every call)
+        self._fused_reader = False
         codec = codec or TorchCodec()
         common: dict[str, Any] = dict(
             sink_tokens=sink_tokens, residual_length=residual_length, scale_policy=scale_policy,
@@ -95,10 +107,57 @@ class PackedKVLayer(DynamicLayer):
             self._check_finite(value_states, "V", n_before)
         self.k_stream.append(key_states)
         self.v_stream.append(value_states)
-        fresh_raw = self.read_mode == "raw_fresh" or (self.read_mode == "serving" and key_states.shape[-2] > 1)
-        return (
-            self._read(self.k_stream, key_states, n_before, fresh_raw),
-            self._read(self.v_stream, value_states, n_before, fresh_raw),
+        from nvfp4kv.kernels.attention_interface import (
+            attach_packed_view,
+            make_standin,
+            offer_fused_reader,
+            publish_packed_view,
+        )
+
+        fused_reader, self._fused_reader = self._fused_reader, False
+        # a decode step reads every token as stored; raw_fresh reads the new token raw instead
+        reads_as_stored = key_states.shape[-2] == 1 and self.read_mode != "raw_fresh"
+        view = self.packed_view() if fused_reader and reads_as_stored else None
+        if view is not None:
+            k_out, v_out = make_standin(view, key_states, self.get_seq_length())
+            publish_packed_view(kwargs, view)
+        else:
+            fresh_raw = self.read_mode == "raw_fresh" or (self.read_mode == "serving" and key_states.shape[-2] > 1)
+            k_out = self._read(self.k_stream, key_states, n_before, fresh_raw)
+            v_out = self._read(self.v_stream, value_states, n_before, fresh_raw)
+        offer_fused_reader(k_out, kwargs, self)
+        return k_out, v_out
+
+    def claim_fused_reader(self) -> None:
+        """Called by ``nvfp4kv_decode`` on this layer's output: it can read packed views."""
+        self._fused_reader = True
+
+    def packed_view(self) -> PackedKVView | None:
+        """What this layer stores, as the fused decode kernel reads it.
+
+        None when nothing is packed yet or a format is not one the kernel reads (token
+        groups, BF16 skip layers). Raw tokens are the sink and the pending window, with their
+        logical positions, built on the packed data's device.
+        """
+        from nvfp4kv.kernels.attention_interface import PackedKVView, fused_reads_format
+
+        ks, vs = self.k_stream, self.v_stream
+        if ks.parts is None or vs.parts is None:
+            return None
+        if not (fused_reads_format(self.k_format) and fused_reads_format(self.v_format)):
+            return None
+        device = next(iter(ks.parts.values())).device
+        raw_k = [t for t in (ks.sink, ks.pending) if t is not None]
+        raw_v = [t for t in (vs.sink, vs.pending) if t is not None]
+        positions = None
+        if raw_k:
+            end = ks.n_sink + ks.n_packed
+            positions = torch.cat([torch.arange(ks.n_sink, device=device),
+                                   torch.arange(end, end + ks.n_pending, device=device)])
+        return PackedKVView(
+            self.k_format, self.v_format, ks.parts, vs.parts,
+            ks.read_scale(0, ks.n_packed), vs.read_scale(0, vs.n_packed), packed_start=ks.n_sink,
+            raw_k=_cat_tokens(raw_k), raw_v=_cat_tokens(raw_v), raw_positions=positions,
         )
 
     @staticmethod
@@ -126,6 +185,7 @@ class PackedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._fused_reader = False
         self.k_stream.reset()
         self.v_stream.reset()
 
@@ -166,3 +226,9 @@ class PackedKVLayer(DynamicLayer):
 
     def fastpath_nbytes(self) -> int:
         return self.k_stream.fastpath_nbytes() + self.v_stream.fastpath_nbytes()
+
+
+def _cat_tokens(pieces: list[torch.Tensor]) -> torch.Tensor | None:
+    if not pieces:
+        return None
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

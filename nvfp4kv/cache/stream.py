@@ -181,10 +181,12 @@ class PackedStream:
         group = self.fmt.token_group
         aligned = min(math.ceil(q / group) * group, self.n_packed)
         parts = self.parts if aligned == self.n_packed else slice_parts(self.parts, 0, aligned, self.n_packed)
-        out = self.codec.dequantize(self.fmt, parts, self._read_scale(0, aligned), dtype)
+        out = self.codec.dequantize(self.fmt, parts, self.read_scale(0, aligned), dtype)
         return out if aligned == q else out[:, :, :q]
 
-    def _read_scale(self, start: int, stop: int) -> torch.Tensor | None:
+    def read_scale(self, start: int, stop: int) -> torch.Tensor | None:
+        """FP32 global scale of packed tokens ``[start, stop)`` (None for formats without one):
+        the frozen scale, or that slice of the per-write record (dynamic policy)."""
         if self.scale_record is not None:
             return self.scale_record[:, :, start:stop]
         return self.scale
@@ -220,7 +222,7 @@ class PackedStream:
         orphans = None
         if keep > whole:  # a group is cut: decode its survivors back to full precision
             group_parts = slice_parts(self.parts, whole, whole + group, self.n_packed)  # type: ignore[arg-type]
-            decoded = self.codec.dequantize(self.fmt, group_parts, self._read_scale(whole, whole + group), self.dtype)  # type: ignore[arg-type]
+            decoded = self.codec.dequantize(self.fmt, group_parts, self.read_scale(whole, whole + group), self.dtype)  # type: ignore[arg-type]
             orphans = decoded[:, :, : keep - whole].clone()
         if whole:
             self.parts = {k: v.clone() for k, v in slice_parts(self.parts, 0, whole, self.n_packed).items()}  # type: ignore[arg-type]

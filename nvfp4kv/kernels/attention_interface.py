@@ -16,6 +16,13 @@ How the attention function sees the packed cache (the hook a cache implements):
    transformers 5.x, which the attention layer later splats into the attention call) under
    :data:`PACKED_VIEW_KWARG`.
 
+3. On every ``update`` it also *offers* itself as a reader with :func:`offer_fused_reader`;
+   when this function is the attention function and could run the kernel, it calls the
+   layer's ``claim_fused_reader()``. A layer claimed on its previous call knows its reader
+   is the fused kernel and returns stand-ins (:func:`make_standin`) on the next decode step
+   instead of dequantizing its whole history. The claim is renewed on every call, so a
+   layer read by any other attention function always returns real K/V.
+
 The function then runs :func:`~nvfp4kv.kernels.decode_attention.decode_attention` when it can
 (one query token, a packed format the kernel reads, a CUDA tensor or the Triton interpreter,
 no dropout / softcap / attention sinks / position bias) and otherwise calls transformers' own
@@ -29,20 +36,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from nvfp4kv.errors import BackendUnavailableError
 from nvfp4kv.formats.base import KVFormat, Parts
-from nvfp4kv.kernels.decode_attention import (
-    KIND_FP8,
-    KIND_MX16,
-    KIND_MXFP4,
-    KIND_NVFP4,
-    PackedOperand,
-    decode_attention,
-)
+try:
+    from nvfp4kv.kernels.decode_attention import (
+        KIND_FP8,
+        KIND_MX16,
+        KIND_MXFP4,
+        KIND_NVFP4,
+        PackedOperand,
+        decode_attention,
+    )
+except ImportError:  # no Triton: the cache-side hooks below still work, the kernel never runs
+    decode_attention = None  # type: ignore[assignment]
 
 logger = logging.getLogger("nvfp4kv.kernels")
 
@@ -50,6 +60,11 @@ ATTN_IMPLEMENTATION = "nvfp4kv_decode"
 #: kwarg name under which a cache may forward the view to the attention function
 PACKED_VIEW_KWARG = "nvfp4kv_packed"
 _TENSOR_ATTR = "_nvfp4kv_packed"
+#: kwarg name / key-tensor attribute under which a cache layer offers itself as a reader probe
+READER_PROBE_KWARG = "nvfp4kv_reader"
+_PROBE_ATTR = "_nvfp4kv_reader"
+#: formats the kernel reads (token-wise parts only)
+FUSED_FORMATS = ("nvfp4", "fp4_mx_block16", "mxfp4", "fp8_e4m3")
 _STANDIN_ATTR = "_nvfp4kv_standin"
 
 
@@ -104,6 +119,29 @@ def packed_operand(fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | Non
     return None
 
 
+def fused_reads_format(fmt: KVFormat) -> bool:
+    """Whether the fused kernel can read a layer stored in ``fmt``."""
+    return fmt.name in FUSED_FORMATS and fmt.token_group == 1
+
+
+class FusedReaderProbe(Protocol):
+    """What a cache layer offers: the attention function calls this when it can read packed views."""
+
+    def claim_fused_reader(self) -> None: ...
+
+
+def offer_fused_reader(key: torch.Tensor, update_kwargs: dict[str, Any], layer: FusedReaderProbe) -> None:
+    """Let the attention function that reads ``key`` tell ``layer`` it is the fused one.
+
+    The probe goes both ways a view goes (key-tensor attribute, forwarded kwargs); other
+    attention functions ignore it, so the layer is never claimed by them.
+    """
+    setattr(key, _PROBE_ATTR, layer)
+    forwarded = update_kwargs.get("kwargs")
+    if isinstance(forwarded, dict):
+        forwarded[READER_PROBE_KWARG] = layer
+
+
 def attach_packed_view(key: torch.Tensor, view: PackedKVView) -> torch.Tensor:
     """Mark the key tensor a cache layer returns with its packed view (returns ``key``)."""
     setattr(key, _TENSOR_ATTR, view)
@@ -147,6 +185,8 @@ def find_packed_view(key: torch.Tensor, kwargs: dict[str, Any]) -> PackedKVView 
 
 
 def _kernel_can_run(t: torch.Tensor) -> bool:
+    if decode_attention is None:
+        return False
     if t.device.type == "cuda":
         return True
     from nvfp4kv.kernels.backend import triton_interpreting
@@ -154,14 +194,10 @@ def _kernel_can_run(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and triton_interpreting()
 
 
-def fused_unavailable_reason(
-    query: torch.Tensor, view: PackedKVView | None, dropout: float, kwargs: dict[str, Any]
-) -> str | None:
-    """Why this call cannot take the fused path (None when it can)."""
-    if view is None:
-        return "the cache published no packed view for this layer"
-    if query.shape[2] != 1:
-        return "prefill (more than one query token)"
+def call_blocker(query: torch.Tensor, dropout: float, kwargs: dict[str, Any]) -> str | None:
+    """Why no decode step of this attention call could take the fused path (None: it could)."""
+    if decode_attention is None:
+        return "Triton is not installed (pip install 'nvfp4kv[gpu]')"
     if dropout > 0:
         return "attention dropout"
     for key in ("softcap", "s_aux", "sinks", "position_bias"):
@@ -173,6 +209,20 @@ def fused_unavailable_reason(
         return f"query on {query.device} (the Triton kernel needs CUDA or TRITON_INTERPRET=1)"
     if query.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"query dtype {query.dtype}"
+    return None
+
+
+def fused_unavailable_reason(
+    query: torch.Tensor, view: PackedKVView | None, dropout: float, kwargs: dict[str, Any]
+) -> str | None:
+    """Why this call cannot take the fused path (None when it can)."""
+    if view is None:
+        return "the cache published no packed view for this layer"
+    if query.shape[2] != 1:
+        return "prefill (more than one query token)"
+    blocker = call_blocker(query, dropout, kwargs)
+    if blocker is not None:
+        return blocker
     if packed_operand(view.k_format, view.k_parts, view.k_global_scale) is None or packed_operand(
         view.v_format, view.v_parts, view.v_global_scale
     ) is None:
@@ -199,6 +249,9 @@ def nvfp4kv_decode_attention(
 
     view = find_packed_view(key, kwargs)
     kwargs.pop(PACKED_VIEW_KWARG, None)
+    probe = kwargs.pop(READER_PROBE_KWARG, None) or getattr(key, _PROBE_ATTR, None)
+    if probe is not None and call_blocker(query, dropout, kwargs) is None:
+        probe.claim_fused_reader()  # its next decode step may hand over stand-ins
     reason = fused_unavailable_reason(query, view, dropout, kwargs)
     if reason is not None:
         if getattr(key, _STANDIN_ATTR, False):
