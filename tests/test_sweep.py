@@ -264,9 +264,17 @@ def test_offline_hub_without_local_data_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("NVFP4KV_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose(config_name="config", overrides=["+sweep=gsm8k", "run_dir=/tmp/unused"])
+        cfg = compose(config_name="config", overrides=["+sweep=gsm8k", "run_dir=/tmp/unused", "data_dir=null"])
     with pytest.raises(DatasetNotFoundError, match=r"tasks\.gsm8k: .*openai/gsm8k.*offline.*NVFP4KV_DATA_DIR"):
         sweep_mod.plan_sweep(cfg)
+
+
+def test_default_data_dir_prefers_env_then_shared_data_beside_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVFP4KV_DATA_DIR", str(tmp_path))
+    assert sweep_mod._default_data_dir() == str(tmp_path)
+    monkeypatch.delenv("NVFP4KV_DATA_DIR")
+    beside = Path(sweep_mod.__file__).resolve().parents[2].parent / "shared" / "data"
+    assert sweep_mod._default_data_dir() == (str(beside) if beside.is_dir() else None)
 
 
 def test_missing_local_data_dir_is_a_clear_error(tmp_path, monkeypatch):

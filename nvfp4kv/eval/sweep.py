@@ -88,12 +88,27 @@ def _sweep_name(*, _root_: DictConfig) -> str:
     return str(_root_.sweep.name)
 
 
+def _default_data_dir() -> str | None:
+    """``$NVFP4KV_DATA_DIR``, else a ``shared/data`` directory beside this checkout, else None (the hub).
+
+    Why: an offline machine set up like this project's CI keeps the benchmark data at
+    ``../shared/data``; finding it there lets the README's quick start run with no extra setup,
+    while a user with neither gets the hub, the normal path.
+    """
+    env = os.environ.get("NVFP4KV_DATA_DIR")
+    if env:
+        return env
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return str(beside) if beside.is_dir() else None
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use. ``nvfp4kv.uid`` is cached per config object, like Hydra's
     ``now``: Hydra's run dir and the runner resolve ``run_dir`` to the same directory."""
     OmegaConf.register_new_resolver("nvfp4kv.uid", _uid, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("nvfp4kv.job_suffix", _job_suffix, replace=True)
     OmegaConf.register_new_resolver("nvfp4kv.sweep_name", _sweep_name, replace=True)
+    OmegaConf.register_new_resolver("nvfp4kv.default_data_dir", _default_data_dir, replace=True)
 
 
 register_resolvers()
