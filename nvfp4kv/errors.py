@@ -36,3 +36,10 @@ class ConfigError(NVFP4KVError, ValueError):
 
 class BackendUnavailableError(NVFP4KVError, RuntimeError):
     """A kernel backend was asked for on a machine that cannot run it."""
+
+
+class KVStateError(NVFP4KVError, ValueError):
+    """K/V states handed to ``cache.update`` have the wrong shape, dtype or device.
+
+    Raised before the cache changes anything, so a caller that catches it keeps a usable cache.
+    """

@@ -68,7 +68,7 @@ def test_from_dict_accepts_a_hydra_dictconfig():
         ({"k_options": {"no_such_option": 1}}, ConfigError, "k_options"),
         ({"scale_policy": "calibrated"}, ConfigError, "dynamic, prefill, static"),
         ({"read_mode": "fake"}, ConfigError, "serving, quantized, raw_fresh"),
-        ({"nonfinite": "ignore"}, ConfigError, "error, map"),
+        ({"nonfinite": "ignore"}, ConfigError, "raise, map, keep"),
         ({"backend": "cuda"}, ConfigError, "torch, triton"),
         ({"residual_length": -1}, ConfigError, "residual_length"),
         ({"sink_tokens": 1.5}, ConfigError, "sink_tokens"),

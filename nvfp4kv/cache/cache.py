@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
 from nvfp4kv.cache.backend import KVCodec, resolve_codec
+from nvfp4kv.cache.checks import check_kv_states
 from nvfp4kv.cache.config import KVCacheConfig
 from nvfp4kv.cache.layer import PackedKVLayer
 from nvfp4kv.cache.memory import layer_memory
@@ -60,6 +61,19 @@ class QuantizedKVCache(Cache):
         self._check_model(text_config, layer_types)
         layers = [self._layer_for(i, t, kw) for i, (t, kw) in enumerate(zip(layer_types, layer_kwargs))]
         super().__init__(layers=layers)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store K/V ``[B, H_kv, T, D]`` for ``layer_idx`` and return what attention reads.
+
+        Malformed K/V (not 4-D, not floating point, K and V of different batch/heads/tokens or
+        devices) are refused with :class:`~nvfp4kv.errors.KVStateError` before anything changes,
+        not even a lazily created layer; packed layers then check the rest and roll back on any
+        failure (see :meth:`PackedKVLayer.update`).
+        """
+        check_kv_states(key_states, value_states, f"Layer {layer_idx}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ------------------------------------------------------------------ building layers
     def _next_lazy_layer(self) -> PackedKVLayer:

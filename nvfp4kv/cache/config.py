@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from nvfp4kv.errors import ConfigError, UnknownFormatError
-from nvfp4kv.formats.base import KVFormat, get_format
+from nvfp4kv.formats.base import NONFINITE_POLICIES, KVFormat, NonFinitePolicy, get_format, normalize_nonfinite
 
 ScalePolicy = Literal["dynamic", "prefill", "static"]
 ReadMode = Literal["serving", "quantized", "raw_fresh"]
-NonFinite = Literal["error", "map"]
+NonFinite = NonFinitePolicy  # "raise" | "map" | "keep" ("error": deprecated alias of "raise")
 
 SCALE_POLICIES: tuple[str, ...] = get_args(ScalePolicy)
 READ_MODES: tuple[str, ...] = get_args(ReadMode)
-NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinite)
 #: backends the config accepts; only "torch" lives in this package, the rest in nvfp4kv.kernels
 BACKENDS: tuple[str, ...] = ("torch", "triton", "flashinfer", "auto")
 
@@ -99,10 +98,23 @@ class KVCacheConfig:
 
     **Other knobs.** ``dequant_cache``: CPU fast path that keeps the dequantized values of stored
     tokens so a step dequantizes only new ones (identical outputs; the extra memory is reported
-    as ``fastpath_bytes``, never hidden in ``nbytes``). ``nonfinite``: ``"error"`` raises
-    :class:`~nvfp4kv.errors.NonFiniteKVError` naming the layer and K/V, ``"map"`` applies the
-    formats' mapping (NaN -> 0, +-Inf -> +-max). ``backend``: ``"torch"`` (the bit-exact
+    as ``fastpath_bytes``, never hidden in ``nbytes``). ``backend``: ``"torch"`` (the bit-exact
     references, any device) or a kernel backend resolved by :func:`nvfp4kv.kernels.get_backend`.
+
+    **nonfinite**, the NaN/Inf policy, applied to the incoming K/V of every update, so it holds
+    for every path that reads them (the raw prefill chunk of ``serving`` reads, sink and residual
+    windows, packed tokens):
+
+    - ``"raise"`` (default): :class:`~nvfp4kv.errors.NonFiniteKVError` naming the layer, K or V,
+      the position and the fix; nothing is stored.
+    - ``"map"``: NaN -> 0, +-Inf -> +-(largest finite ``|x|`` of that write of K or V), so
+      attention stays finite (see :mod:`nvfp4kv.cache.checks` for why not the dtype's max).
+    - ``"keep"``: no check, no mapping; NaN/Inf reach attention through raw reads and go through
+      the formats' arithmetic as they are. A research option, to see what bad numerics do.
+
+    ``"error"`` is accepted as a deprecated alias of ``"raise"`` (DeprecationWarning).
+    Independently of this policy, finite K/V always read back finite: formats saturate at the
+    read dtype's largest value (FP16 65504) instead of overflowing to Inf.
     """
 
     k_format: str = "nvfp4"
@@ -117,16 +129,16 @@ class KVCacheConfig:
     skip_layers: tuple[int, ...] = ()
     read_mode: ReadMode = "serving"
     dequant_cache: bool = False
-    nonfinite: NonFinite = "error"
+    nonfinite: NonFinite = "raise"
     backend: str = "torch"
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
+        self._normalize_nonfinite()  # first: the formats are built with it
         for which in ("k", "v"):
             self._check_format(which)
         self._check_choice("scale_policy", self.scale_policy, SCALE_POLICIES)
         self._check_choice("read_mode", self.read_mode, READ_MODES)
-        self._check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         self._check_choice("backend", self.backend, BACKENDS)
         for name in ("residual_length", "sink_tokens"):
             value = getattr(self, name)
@@ -137,6 +149,12 @@ class KVCacheConfig:
         object.__setattr__(self, "skip_layers", self._normalized_skip_layers())
         object.__setattr__(self, "static_scales", self._normalized_static_scales())
         self._check_convention()
+
+    def _normalize_nonfinite(self) -> None:
+        """Accept the deprecated ``"error"`` (as ``"raise"``); refuse unknown values with the fix."""
+        if self.nonfinite not in NONFINITE_POLICIES and self.nonfinite != "error":
+            self._check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        object.__setattr__(self, "nonfinite", normalize_nonfinite(self.nonfinite, stacklevel=5))
 
     @staticmethod
     def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -297,8 +315,8 @@ class KVCacheConfig:
             extras.append("skip" + ",".join(str(i) for i in self.skip_layers))
         if self.read_mode != "serving":
             extras.append(self.read_mode)
-        if self.nonfinite != "error":
-            extras.append("mapnonfinite")
+        if self.nonfinite != "raise":
+            extras.append(f"{self.nonfinite}nonfinite")  # mapnonfinite / keepnonfinite
         return "+".join([name, *extras])
 
     def _options_suffix(self, which: Literal["k", "v"]) -> str:

@@ -14,6 +14,10 @@ probe, and that attention function claims it when it could run the fused kernel.
 step after such a claim, the layer returns zero-memory stand-ins carrying a
 :meth:`PackedKVLayer.packed_view` instead of dequantizing its whole history, so the kernel
 reads the packed bytes directly. Any other attention function never claims, and gets real K/V.
+
+``update`` is atomic (nothing changes unless K and V are both stored) and applies the NaN/Inf
+policy to the incoming K/V before any path reads them, the raw prefill chunk included (see
+:mod:`nvfp4kv.cache.checks`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from nvfp4kv.cache.backend import KVCodec, TorchCodec
+from nvfp4kv.cache.checks import (
+    check_against_stored,
+    check_kv_states,
+    map_nonfinite_write,
+    raise_if_nonfinite,
+)
 from nvfp4kv.cache.stream import PackedStream
-from nvfp4kv.errors import NonFiniteKVError
-from nvfp4kv.formats.base import KVFormat
+from nvfp4kv.errors import BlockSizeError
+from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
 
 if TYPE_CHECKING:
     from nvfp4kv.kernels.attention_interface import PackedKVView
@@ -53,7 +63,7 @@ class PackedKVLayer(DynamicLayer):
         scale_policy: str = "prefill",
         static_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
         keep_dequantized: bool = False,
-        nonfinite: str = "error",
+        nonfinite: str = "raise",
         is_skip: bool = False,
     ) -> None:
         super().__init__()
@@ -63,7 +73,8 @@ class PackedKVLayer(DynamicLayer):
         #: head_dim of K and V, known after the first update
         self.head_dims: tuple[int, int] = (0, 0)
         self.read_mode = read_mode
-        self.nonfinite = nonfinite
+        #: NaN/Inf policy: "raise", "map" or "keep" (see nvfp4kv.cache.checks); "error" = "raise"
+        self.nonfinite = normalize_nonfinite(nonfinite)
         #: the attention function of the previous call reads packed views (renewed every call)
         self._fused_reader = False
         codec = codec or TorchCodec()
@@ -98,13 +109,59 @@ class PackedKVLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new K/V ``[B, H_kv, t, D]`` and return the K/V attention reads."""
+        """Store the new K/V ``[B, H_kv, t, D]`` and return the K/V attention reads.
+
+        Atomic: shapes, dtypes, devices and the NaN/Inf policy are checked before anything
+        changes, and any later failure (a format or kernel raising while K or V is encoded,
+        say) restores the layer exactly as it was, so K and V never get out of step.
+        """
+        where = f"Layer {self.layer_idx}"
+        self._check_states(key_states, value_states, where)
+        n_before = self.get_seq_length()
+        key_states = self._apply_nonfinite(key_states, where, "K", n_before)
+        value_states = self._apply_nonfinite(value_states, where, "V", n_before)
+        saved = dict(vars(self)), self.k_stream.snapshot(), self.v_stream.snapshot()
+        try:
+            return self._store_and_read(key_states, value_states, n_before, kwargs)
+        except BaseException:
+            self._restore(saved)
+            raise
+
+    def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor, where: str) -> None:
+        """Everything that can be refused before storing: shapes, dtype, device, block sizes."""
+        check_kv_states(key_states, value_states, where)
+        stored = self.k_stream.stored_example() if self.get_seq_length() else None
+        check_against_stored(key_states, value_states, where,
+                             head_dims=self.head_dims if self.is_initialized else None, stored=stored)
+        for which, fmt, x in (("K", self.k_format, key_states), ("V", self.v_format, value_states)):
+            if x.shape[-1] % fmt.block_size:
+                raise BlockSizeError(
+                    f"{where} {which}: format {fmt.name!r} quantizes blocks of {fmt.block_size} along head_dim, "
+                    f"but head_dim is {x.shape[-1]}. Use a format whose block divides {x.shape[-1]} "
+                    f"(e.g. 'fp8_e4m3'), or keep this layer in BF16 with skip_layers."
+                )
+
+    def _apply_nonfinite(self, x: torch.Tensor, where: str, which: str, n_before: int) -> torch.Tensor:
+        """The NaN/Inf policy on incoming K or V, before any path can read them (see checks.py)."""
+        if self.nonfinite == "raise":
+            raise_if_nonfinite(x, where, which, n_before)
+        elif self.nonfinite == "map":
+            return map_nonfinite_write(x)
+        return x
+
+    def _restore(self, saved: tuple[dict[str, Any], dict[str, object], dict[str, object]]) -> None:
+        """Put the layer back as :meth:`update` found it (attributes and both streams)."""
+        layer_state, k_state, v_state = saved
+        vars(self).clear()
+        vars(self).update(layer_state)
+        self.k_stream.restore(k_state)
+        self.v_stream.restore(v_state)
+
+    def _store_and_read(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, n_before: int, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n_before = self.get_seq_length()
-        if self.nonfinite == "error":
-            self._check_finite(key_states, "K", n_before)
-            self._check_finite(value_states, "V", n_before)
         self.k_stream.append(key_states)
         self.v_stream.append(value_states)
         from nvfp4kv.kernels.attention_interface import (
@@ -167,17 +224,6 @@ class PackedKVLayer(DynamicLayer):
         if not fresh_raw:
             return stream.read(fresh.dtype)
         return torch.cat([stream.read(fresh.dtype, upto=n_before), fresh], dim=-2)
-
-    def _check_finite(self, x: torch.Tensor, which: str, n_before: int) -> None:
-        finite = torch.isfinite(x)
-        if bool(finite.all()):
-            return
-        b, h, t, _ = (~finite).nonzero()[0].tolist()
-        raise NonFiniteKVError(
-            f"Layer {self.layer_idx} {which} holds NaN/Inf (first at batch {b}, kv head {h}, token {n_before + t}); "
-            f"the KV formats cannot encode them. Fix the model's numerics (e.g. run it in bfloat16 or float32 "
-            f"rather than float16), or set nonfinite='map' (NaN -> 0, +-Inf -> +-max)."
-        )
 
     def get_seq_length(self) -> int:
         """Every stored token: sink + packed + pending (masks and positions depend on it)."""

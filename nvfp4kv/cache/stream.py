@@ -12,6 +12,10 @@ token group is available; it is quantized exactly once and its codes never chang
 (new tokens are concatenated, nothing is re-encoded). The stream owns the global-scale policy
 (``prefill`` freezes it at the first write, ``dynamic`` records one per write, ``static`` is
 given) because the format itself is stateless.
+
+Every write rebinds attributes to new tensors (``torch.cat``, slices that are cloned) and
+never writes into a stored tensor in place; :meth:`PackedStream.snapshot` /
+:meth:`PackedStream.restore` rely on that to undo a failed write exactly (an atomic update).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from nvfp4kv.cache.backend import KVCodec
 from nvfp4kv.cache.parts import cat_parts, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
+from nvfp4kv.formats.numerics import saturating_cast
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -81,6 +86,26 @@ class PackedStream:
         self.scale_record: torch.Tensor | None = None
         #: fast path: dequantized packed tokens ``[B, H, n_packed, D]``
         self.dequantized: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ transactions
+    def snapshot(self) -> dict[str, object]:
+        """Everything a write can change (references only: stored tensors are never mutated
+        in place, so holding the old references keeps the old bytes)."""
+        state = dict(vars(self))
+        state["parts"] = dict(self.parts) if self.parts is not None else None
+        return state
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Undo every change since :meth:`snapshot` returned ``state``."""
+        vars(self).clear()
+        vars(self).update(state)
+
+    def stored_example(self) -> torch.Tensor | None:
+        """Any stored token-wise tensor (for batch/head/device checks), or None when empty."""
+        for t in (self.sink, self.pending, self.dequantized):
+            if t is not None:
+                return t
+        return next(iter(self.parts.values())) if self.parts else None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -166,7 +191,7 @@ class PackedStream:
         p = max(upto - self.n_sink - self.n_packed, 0)
         if p:
             pieces.append(self.pending[:, :, :p])  # type: ignore[index]
-        pieces = [t if t.dtype == dtype else t.to(dtype) for t in pieces]
+        pieces = [saturating_cast(t, dtype) for t in pieces]  # finite in, finite out
         if len(pieces) == 1:
             return pieces[0]
         if not pieces:

@@ -17,22 +17,57 @@ part, how to concatenate, slice and batch-select it, which this contract fixes:
   ``[1, h, T, 1]`` when recorded per write.
 
 Formats raise :class:`~nvfp4kv.errors.BlockSizeError` when ``D`` is not a multiple of their
-block and :class:`~nvfp4kv.errors.NonFiniteKVError` on NaN/Inf unless ``nonfinite="map"``.
+block. NaN/Inf follow the ``nonfinite`` policy: ``"raise"`` (default;
+:class:`~nvfp4kv.errors.NonFiniteKVError`), ``"map"`` (the format's documented mapping, NaN -> 0,
++-Inf -> +-its limit) or ``"keep"`` (no check, no mapping: whatever the format's arithmetic does
+with them; a research option). ``"error"`` is a deprecated alias of ``"raise"``.
+
+Finite in, finite out: for finite input, :meth:`KVFormat.dequantize` never returns Inf in any
+output dtype; values beyond the dtype's range saturate at its largest finite value (see
+:func:`~nvfp4kv.formats.numerics.saturate_`). Codes and scales of in-range inputs are not
+affected by this.
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from nvfp4kv.errors import BlockSizeError, NonFiniteKVError, UnknownFormatError
 
-NonFinitePolicy = Literal["error", "map"]
+NonFinitePolicy = Literal["raise", "map", "keep"]
+#: every accepted ``nonfinite`` value (``"error"`` is also accepted, as a deprecated alias)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
+#: old spellings still accepted, and what they mean now
+NONFINITE_ALIASES: dict[str, str] = {"error": "raise"}
 Parts = dict[str, torch.Tensor]
+
+
+def normalize_nonfinite(value: object, *, stacklevel: int = 3) -> str:
+    """The canonical ``nonfinite`` policy for ``value``; warns on a deprecated alias.
+
+    Raises ValueError (naming the accepted values) for anything else, so a typo in a sweep
+    config cannot silently pick a policy.
+    """
+    if isinstance(value, str) and value in NONFINITE_ALIASES:
+        new = NONFINITE_ALIASES[value]
+        warnings.warn(
+            f"nonfinite={value!r} is deprecated; use nonfinite={new!r} (same behaviour).",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return new
+    if value not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite={value!r} is not supported; use one of {', '.join(NONFINITE_POLICIES)} "
+            f"(raise: refuse NaN/Inf; map: NaN -> 0, +-Inf -> +-largest finite; keep: pass them through)."
+        )
+    return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -45,8 +80,15 @@ class KVFormat(ABC):
 
     #: registry name, e.g. ``"nvfp4"``
     name: str = "base"
-    #: ``"error"`` (default) refuses NaN/Inf; ``"map"`` applies the format's documented mapping
-    nonfinite: NonFinitePolicy = "error"
+    #: ``"raise"`` (default) refuses NaN/Inf; ``"map"`` applies the format's documented mapping;
+    #: ``"keep"`` neither checks nor maps (research only; see the module docstring)
+    nonfinite: NonFinitePolicy = "raise"
+
+    def __post_init__(self) -> None:
+        """Normalize the NaN/Inf policy (subclasses with their own checks call this first)."""
+        policy = normalize_nonfinite(self.nonfinite, stacklevel=5)
+        if policy != self.nonfinite:
+            object.__setattr__(self, "nonfinite", policy)
 
     # ---- constants every format declares -------------------------------------------------
     @property
@@ -89,7 +131,11 @@ class KVFormat(ABC):
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Decode parts back to ``[B, H, T, D]`` in ``dtype``."""
+        """Decode parts back to ``[B, H, T, D]`` in ``dtype``.
+
+        Values beyond ``dtype``'s range saturate at its largest finite value (finite in,
+        finite out); a format may return Inf/NaN only for NaN/Inf stored under ``"keep"``.
+        """
 
     # ---- shared checks ---------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -101,7 +147,7 @@ class KVFormat(ABC):
                 f"but head_dim is {d}. Use a format whose block divides {d} "
                 f"(e.g. 'fp8_e4m3'), or keep this layer in BF16 with skip_layers."
             )
-        if self.nonfinite == "error" and not bool(torch.isfinite(x).all()):
+        if self.nonfinite == "raise" and not bool(torch.isfinite(x).all()):
             raise NonFiniteKVError(
                 f"KV format {self.name!r} got NaN/Inf in its input; these formats cannot encode "
                 f"them. Fix the model's numerics, or pass nonfinite='map' to apply the "

@@ -6,7 +6,12 @@ bit-identical to ``DynamicCache``. Inputs in FP32/FP16 are rounded to BF16 (RNE,
 
 Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-3.3895e38 (BF16's largest
 finite value). BF16 itself could store Inf/NaN; refusing them by default keeps every format's
-behaviour on bad numerics the same.
+behaviour on bad numerics the same. ``nonfinite="keep"`` stores and returns them as they are.
+
+Finite in, finite out (saturation, as engines' ``satfinite`` conversions do): FP32 input beyond
+BF16's range is stored as +-BF16 max (a plain cast would round it to Inf), and decoding to FP16
+clamps at +-65504 (an FP16 65504 rounds to BF16 65536, which a plain cast back turns into
+Inf). Nothing changes for values in range, so a BF16 model still round-trips bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4kv.formats.base import KVFormat, Parts, register_format
-from nvfp4kv.formats.numerics import has_nonfinite, map_nonfinite
+from nvfp4kv.formats.numerics import has_nonfinite, map_nonfinite, saturating_cast
 
 BF16_MAX = torch.finfo(torch.bfloat16).max
 
@@ -39,9 +44,15 @@ class BF16Format(KVFormat):
         self.check_input(x)
         if self.nonfinite == "map" and has_nonfinite(x):
             x = map_nonfinite(x, BF16_MAX)
-        return {"values": x.to(torch.bfloat16)}
+        return {"values": saturating_cast(x, torch.bfloat16)}
 
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        return parts["values"].to(dtype)
+        values = parts["values"]
+        if self.nonfinite == "keep":  # stored Inf stays Inf; finite values still saturate
+            return saturating_cast(values, dtype)
+        limit = torch.finfo(dtype).max if dtype.is_floating_point else BF16_MAX
+        if limit >= BF16_MAX:  # BF16, FP32, FP64 hold every BF16 value: a plain (free) cast
+            return values.to(dtype)
+        return values.float().clamp(-limit, limit).to(dtype)  # in FP32: BF16 cannot hold 65504

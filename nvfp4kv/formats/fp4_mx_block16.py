@@ -25,7 +25,14 @@ The division by 6 is a true IEEE division (see :mod:`nvfp4kv.formats.numerics`).
 Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-(largest finite ``|x|`` in
 the tensor); the format has no fixed maximum, so Inf takes the largest value the data sets.
 NaN elements of a pure :func:`quantize_fp4_mx_block16` call encode as 0 and do not affect their
-block's scale (SGLang's ``max`` would propagate NaN into an undefined scale byte).
+block's scale (SGLang's ``max`` would propagate NaN into an undefined scale byte); so does
+``nonfinite="keep"`` (Inf encodes as +-6 at its block's scale).
+
+Finite in, finite out: rounding up can exceed the input's range (an FP16 57984 has scale 2^14
+and rounds to code 4, i.e. 65536, beyond FP16's 65504), so
+:meth:`FP4MXBlock16Format.dequantize` saturates outputs at the output dtype's largest finite
+value, as a ``satfinite`` conversion does. The pure :func:`dequantize_fp4_mx_block16` is the
+plain arithmetic the kernels reproduce (it overflows to Inf there).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from nvfp4kv.formats.numerics import (
     finite_abs,
     has_nonfinite,
     map_nonfinite,
+    saturate_,
 )
 
 MX16_BLOCK = 16
@@ -123,4 +131,4 @@ class FP4MXBlock16Format(KVFormat):
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        return dequantize_fp4_mx_block16(parts["codes"], parts["scales"], dtype)
+        return saturate_(dequantize_fp4_mx_block16(parts["codes"], parts["scales"], dtype))

@@ -15,8 +15,13 @@ Scale granularity (option ``scaling``):
 
 A zero amax gives scale 0; encoding then writes code 0 everywhere (it never divides by 0) and
 decoding gives zeros. Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-448*scale
-(saturation); dynamic scales are taken from the finite values only. Codes are stored as the
-E4M3 bit pattern in uint8 (``x.view(torch.uint8)`` of a ``float8_e4m3fn`` tensor).
+(saturation); dynamic scales are taken from the finite values only; with ``nonfinite="keep"``
+Inf saturates at +-448 and NaN is stored as E4M3's NaN code. Codes are stored as the E4M3 bit
+pattern in uint8 (``x.view(torch.uint8)`` of a ``float8_e4m3fn`` tensor).
+
+Finite in, finite out: :meth:`FP8E4M3Format.dequantize` saturates outputs beyond the output
+dtype's range at its largest finite value; the pure :func:`dequantize_fp8_e4m3` is the plain
+arithmetic the kernels reproduce.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from nvfp4kv.formats.base import KVFormat, Parts, register_format
 from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits
-from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 FP8Scaling = Literal["tensor", "head", "token"]
 _SCALINGS = ("tensor", "head", "token")
@@ -66,6 +71,7 @@ class FP8E4M3Format(KVFormat):
     scaling: FP8Scaling = "tensor"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scaling not in _SCALINGS:
             raise ValueError(
                 f"fp8_e4m3 option scaling must be one of {_SCALINGS}, got {self.scaling!r}"
@@ -114,4 +120,4 @@ class FP8E4M3Format(KVFormat):
                 f"fp8_e4m3 (scaling={self.scaling!r}) dequantize needs the global scale used to "
                 f"quantize these parts; pass the one the cache stored."
             )
-        return dequantize_fp8_e4m3(parts["codes"], scale, dtype)
+        return saturate_(dequantize_fp8_e4m3(parts["codes"], scale, dtype))

@@ -24,7 +24,12 @@ either axis (per channel, one scale/zero pair is amortized over ``group_size`` t
 
 A constant group (``max == min``) has scale 0: codes 0, decoded exactly as ``zero``.
 Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-(largest finite ``|x|`` in
-the tensor).
+the tensor); with ``"keep"`` nothing is checked or mapped: a NaN makes its group's scale and
+zero NaN, an Inf saturates its group's scale (FP16: 65504).
+
+Finite in, finite out: ``code * scale + zero`` can exceed the output dtype's range (FP16
+input near 65504 with FP16 scales), so :meth:`KIVIFormat.dequantize` saturates at the dtype's
+largest finite value; the pure :func:`dequantize_kivi` is the plain arithmetic.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 
 from nvfp4kv.errors import BlockSizeError
 from nvfp4kv.formats.base import KVFormat, Parts, register_format
-from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 KiviAxis = Literal["token", "channel"]
 ScaleDtype = Literal["float16", "float32"]
@@ -136,6 +141,7 @@ class KIVIFormat(KVFormat):
     scale_dtype: ScaleDtype = "float16"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.axis not in ("token", "channel"):
             raise ValueError(
                 f"{self.name} option axis must be 'token' or 'channel', got {self.axis!r}"
@@ -200,7 +206,7 @@ class KIVIFormat(KVFormat):
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        return dequantize_kivi(
+        return saturate_(dequantize_kivi(
             parts["codes"],
             parts["scale"],
             parts["zero"],
@@ -208,7 +214,7 @@ class KIVIFormat(KVFormat):
             self.axis,
             self.group_size,
             dtype,
-        )
+        ))
 
 
 @register_format("int4")

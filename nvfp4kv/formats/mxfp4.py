@@ -13,7 +13,12 @@ included), not from a transcendental ``log2``, so kernels reproduce it with inte
 An all-zero block (``log2(0) = -inf``) takes the smallest scale, byte 0 (``2^-127``), with zero
 codes; the spec leaves it open, and any scale decodes zeros to zeros. Blocks whose max is
 below ``2^-125`` also get the smallest scale. Non-finite input with ``nonfinite="map"``:
-NaN -> 0, +-Inf -> +-(largest finite ``|x|`` in the tensor).
+NaN -> 0, +-Inf -> +-(largest finite ``|x|`` in the tensor); with ``"keep"`` NaN encodes as
+0 and Inf as +-6 at its block's scale (scales come from the finite values).
+
+Finite in, finite out: :meth:`MXFP4Format.dequantize` saturates outputs beyond the output
+dtype's range at its largest finite value; the pure :func:`dequantize_mxfp4` is the plain
+arithmetic the kernels reproduce.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from nvfp4kv.formats.base import KVFormat, Parts, register_format
 from nvfp4kv.formats.e2m1 import decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
-from nvfp4kv.formats.numerics import exp2_exact, finite_abs, has_nonfinite, map_nonfinite
+from nvfp4kv.formats.numerics import exp2_exact, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 MXFP4_BLOCK = 32
 E8M0_BIAS = 127
@@ -93,4 +98,4 @@ class MXFP4Format(KVFormat):
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        return dequantize_mxfp4(parts["codes"], parts["scales"], dtype)
+        return saturate_(dequantize_mxfp4(parts["codes"], parts["scales"], dtype))

@@ -4,6 +4,10 @@
   ``limit`` as the largest magnitude it represents at the scale it would use for the finite
   values (its docstring says which), so an Inf saturates instead of blowing up a scale.
   Scales are computed from :func:`finite_abs`, which ignores NaN/Inf.
+- Finite in, finite out (:func:`saturate_`, :func:`saturating_cast`): a decoded value beyond
+  the output dtype's range (FP16's 65504, say: a block-16 FP4 code of 4 at scale 2^14 is
+  65536) saturates at the dtype's largest finite value, as engines' ``satfinite`` conversions
+  do, instead of turning into Inf. Values in range are untouched, so no code or scale changes.
 - Division by a constant: on CUDA, ``tensor / python_float`` is computed as
   ``tensor * (1 / float)``, which can differ from true division in the last bit; the CPU
   divides. :func:`divide` always divides (IEEE, correctly rounded), so a scale such as
@@ -35,6 +39,35 @@ def map_nonfinite(x: torch.Tensor, limit: torch.Tensor | float) -> torch.Tensor:
 def has_nonfinite(x: torch.Tensor) -> bool:
     """Whether ``x`` holds any NaN/Inf (one reduction; formats skip the mapping otherwise)."""
     return not bool(torch.isfinite(x).all())
+
+
+def saturate_(x: torch.Tensor) -> torch.Tensor:
+    """Clamp ``x`` in place to +-(its dtype's largest finite value); returns ``x``.
+
+    For freshly decoded outputs: an overflow to +-Inf (in the FP32 arithmetic or in the cast
+    to a narrower dtype) becomes +-max, NaN stays NaN, and every finite value in range is
+    unchanged. Formats whose codes cannot encode Inf use it on every decode, so a finite input
+    never comes back as Inf.
+    """
+    if x.dtype.is_floating_point:
+        limit = torch.finfo(x.dtype).max
+        x.clamp_(-limit, limit)
+    return x
+
+
+def saturating_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` with finite values beyond ``dtype``'s range saturated at +-max.
+
+    +-Inf and NaN pass through unchanged (they are the NaN/Inf policy's business, not an
+    overflow); a cast to a dtype at least as wide costs nothing extra.
+    """
+    if x.dtype == dtype or not dtype.is_floating_point:
+        return x.to(dtype)
+    limit = torch.finfo(dtype).max
+    if not x.dtype.is_floating_point or torch.finfo(x.dtype).max <= limit:
+        return x.to(dtype)
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # BF16 cannot hold FP16's max
+    return torch.where(torch.isinf(wide), wide, wide.clamp(-limit, limit)).to(dtype)
 
 
 def divide(x: torch.Tensor, constant: float) -> torch.Tensor:

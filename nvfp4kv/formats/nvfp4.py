@@ -20,7 +20,12 @@ block stores scale 1.0 (byte 0x38) with zero codes.
 
 Non-finite input with ``nonfinite="map"``: NaN -> 0, +-Inf -> +-(6 * 448 * gs), the largest
 value representable at the global scale, i.e. Inf saturates; a dynamic global scale is taken
-from the finite values only.
+from the finite values only. With ``nonfinite="keep"`` nothing is checked: an Inf element
+saturates its block (code 6 at scale 448), a NaN element makes its block's scale NaN.
+
+Finite in, finite out: :meth:`NVFP4Format.dequantize` saturates outputs beyond the output
+dtype's range at its largest finite value (:func:`~nvfp4kv.formats.numerics.saturate_`); the
+pure :func:`dequantize_nvfp4` is the plain arithmetic the kernels reproduce bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from nvfp4kv.formats.e4m3 import (
     e4m3_bits_to_float,
     float_to_e4m3_bits,
 )
-from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 NVFP4_BLOCK = 16
 _E4M3_BITS_ONE = 0x38  # 1.0
@@ -125,6 +130,7 @@ class NVFP4Format(KVFormat):
     tiny_scale: TinyScale = "zero"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.tiny_scale not in ("zero", "modelopt"):
             raise ValueError(
                 f"nvfp4 option tiny_scale must be 'zero' or 'modelopt', got {self.tiny_scale!r}"
@@ -164,4 +170,4 @@ class NVFP4Format(KVFormat):
                 "nvfp4 dequantize needs the global scale used to quantize these parts; pass "
                 "the one the cache stored (or format.global_scale(x) for a one-off round trip)."
             )
-        return dequantize_nvfp4(parts["codes"], parts["scales"], global_scale, dtype)
+        return saturate_(dequantize_nvfp4(parts["codes"], parts["scales"], global_scale, dtype))
