@@ -16,8 +16,8 @@ nvfp4kv/eval/sweep.py for what a run does and nvfp4kv/results.py for the files i
 from __future__ import annotations
 
 import re
-import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -48,31 +48,28 @@ def _sweep_given(argv: list[str]) -> bool:
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def _remove_unused_run_dir() -> None:
-    """After a config error, drop the run dir Hydra created if it holds only Hydra's own files.
-
-    Hydra makes the run dir (its .hydra/ and run.log) before the runner validates the config; a
-    typo would otherwise leave an empty run behind. A dir with anything else (a resumed run) stays.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
-        return
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
-        shutil.rmtree(run_dir, ignore_errors=True)
+#: exit codes: 0 finished, 1 a cell or the report failed, 2 a user error (bad config, missing data,
+#: refused resume), 130 interrupted (resume with the command run.log prints)
+EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    debug = bool(cfg.get("debug", False))
     try:
         run_dir = run_sweep(cfg)
-    except NVFP4KVError as err:  # user-actionable: print the message, not a traceback
-        _remove_unused_run_dir()
+    except NVFP4KVError as err:  # user-actionable: one line naming the fix, no traceback
+        if debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are kept; run.log in the run directory says how to resume.",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception:  # a bug or a failed cell/report: the traceback is the useful part
+        traceback.print_exc()
+        sys.exit(EXIT_FAILED)
     print(f"results: {run_dir}")
 
 

@@ -43,3 +43,7 @@ class KVStateError(NVFP4KVError, ValueError):
 
     Raised before the cache changes anything, so a caller that catches it keeps a usable cache.
     """
+
+
+class MixedRunsError(NVFP4KVError, ValueError):
+    """Analysis was asked to pair rows of different runs (different identities) without saying so."""

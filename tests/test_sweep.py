@@ -67,7 +67,7 @@ def fake_model(monkeypatch):
         return ModelBundle(model=FakeModel(), tokenizer=None, spec=spec)
 
     monkeypatch.setattr("nvfp4kv.models.load_model", load)
-    monkeypatch.setattr(sweep_mod, "_MODEL_CACHE", {})
+    monkeypatch.setattr("nvfp4kv.eval.loaded_model._MODEL_CACHE", {})
     CALLS.clear()
     FAIL_ON.clear()
     return loads
@@ -165,7 +165,7 @@ def test_resume_refuses_a_changed_configuration_before_any_work(tmp_path, fake_m
     CALLS.clear()
     loads = len(fake_model)
     changed = make_config(tmp_path / "run", seed=99)
-    with pytest.raises(ConfigError, match=r"different seed.*delete"):
+    with pytest.raises(ConfigError, match=r"differs in 1 field\(s\) \(seed: run has 1234, this invocation 99\).*new run_dir"):
         sweep_mod.run_sweep(changed)
     changed = make_config(tmp_path / "run")
     changed["kvs"]["nvfp4"]["residual_length"] = 64
@@ -200,7 +200,7 @@ def test_model_is_loaded_once_per_spec(fake_model):
 
 def test_local_model_too_big_for_memory_is_refused(tmp_path, monkeypatch):
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 4096)
-    monkeypatch.setattr(sweep_mod, "_available_bytes", lambda device: 1024)
+    monkeypatch.setattr("nvfp4kv.eval.loaded_model._available_bytes", lambda device: 1024)
     with pytest.raises(ConfigError, match=r"needs ~.*GiB.*only .*GiB is free"):
         sweep_mod.get_model(ModelSpec(name_or_path=str(tmp_path), device="cpu"))
 
@@ -227,8 +227,12 @@ def test_cli_run_uses_one_directory_for_hydra_and_results(tmp_path, monkeypatch)
     _run_cli(monkeypatch, "+sweep=smoke", *FAKE_TASK_OVERRIDES)
     (run_dir,) = (tmp_path / "results" / "runs" / "smoke").iterdir()
     assert cell_files(run_dir) == [f"{MODEL}__alpha__bf16.json", f"{MODEL}__alpha__nvfp4.json"]
-    assert (run_dir / ".hydra" / "overrides.yaml").is_file()  # Hydra's own record lands in the same dir
+    assert not (run_dir / ".hydra").exists(), "Hydra writes nothing into the run dir (the runner records the command)"
     assert "# command: python -m experiments.run +sweep=smoke" in (run_dir / "sweep.yaml").read_text()
+    identity = json.loads((run_dir / "identity.json").read_text())
+    assert identity["command"][0] == "+sweep=smoke" and identity["run_id"] == run_dir.name
+    log_text = (run_dir / "run.log").read_text()
+    assert "start smollm2-135m-instruct__alpha__bf16" in log_text and "stop: finished" in log_text
 
 
 def test_cli_multirun_gives_each_job_its_own_run_dir_and_reuses_the_model(tmp_path, monkeypatch, fake_model):
@@ -248,7 +252,7 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, monkeypatch, ca
         _run_cli(monkeypatch, "+sweep=smoke", *FAKE_TASK_OVERRIDES, "kvs.nvfp4.k_format=nvfp5")
     assert info.value.code == 2
     assert "error: kvs.nvfp4: Unknown KV format 'nvfp5'" in capsys.readouterr().err
-    assert not list((tmp_path / "results" / "runs" / "smoke").iterdir()), "a typo must not leave an empty run dir"
+    assert not (tmp_path / "results").exists(), "a typo must not leave an empty run dir"
 
 
 def test_cli_config_error_keeps_an_existing_run_dir(tmp_path, monkeypatch):
@@ -262,6 +266,7 @@ def test_cli_config_error_keeps_an_existing_run_dir(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- clear errors
 def test_offline_hub_without_local_data_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("NVFP4KV_DATA_DIR", raising=False)
+    monkeypatch.setattr("nvfp4kv.eval.data.shared_data_dir", lambda: None)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="config", overrides=["+sweep=gsm8k", "run_dir=/tmp/unused", "data_dir=null"])
@@ -275,6 +280,8 @@ def test_default_data_dir_prefers_env_then_shared_data_beside_the_checkout(tmp_p
     monkeypatch.delenv("NVFP4KV_DATA_DIR")
     beside = Path(sweep_mod.__file__).resolve().parents[2].parent / "shared" / "data"
     assert sweep_mod._default_data_dir() == (str(beside) if beside.is_dir() else None)
+    monkeypatch.setattr("nvfp4kv.eval.data.shared_data_dir", lambda: None)
+    assert sweep_mod._default_data_dir() is None
 
 
 def test_missing_local_data_dir_is_a_clear_error(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from nvfp4kv import stats
+from nvfp4kv.errors import MixedRunsError
 
 KEY = ["model", "task", "metric"]
 COMPARE_COLUMNS = ["baseline_value", "delta", "ci_low", "ci_high", "p_mcnemar", "n_paired", "ci_method"]
@@ -28,12 +29,26 @@ def _baseline_rows(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return base.drop_duplicates(subset=["run_id", *KEY], keep="first")
 
 
-def _pick_baseline(row: pd.Series, candidates: pd.DataFrame) -> pd.Series | None:
-    """The baseline row for ``row``: same run when it has one, else the last-listed run."""
+def _pick_baseline(row: pd.Series, candidates: pd.DataFrame, allow_mixed_runs: bool) -> pd.Series | None:
+    """The baseline row for ``row``: from the same run (one identity), or refused.
+
+    Why refuse: a baseline from another run may differ in model revision, seed, data or harness
+    version, and a "paired" interval across them would look tight while measuring two things.
+    ``allow_mixed_runs=True`` takes the last-listed run's baseline, on the caller's word.
+    """
     if candidates.empty:
         return None
     same_run = candidates[candidates["run_id"] == row["run_id"]]
-    return (same_run if not same_run.empty else candidates).iloc[-1]
+    if not same_run.empty:
+        return same_run.iloc[-1]
+    if not allow_mixed_runs:
+        raise MixedRunsError(
+            f"Run {row['run_id']} has no {row['kv']!r} baseline of its own for {row['task']}/{row['metric']}; the only "
+            f"baselines are in run(s) {sorted(set(candidates['run_id']))}, whose identity may differ. Add the "
+            f"baseline to that run (resume it with the baseline KV config), or pass allow_mixed_runs=True to pair "
+            f"across runs on purpose."
+        )
+    return candidates.iloc[-1]
 
 
 def _as_records(sel: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
@@ -66,6 +81,7 @@ def compare(
     *,
     n_boot: int = 2000,
     seed: int = 0,
+    allow_mixed_runs: bool = False,
 ) -> pd.DataFrame:
     """``df`` (from :func:`load_results`) plus Δ vs ``baseline`` and a 95% CI per row.
 
@@ -84,7 +100,7 @@ def compare(
     by_key = {key: group for key, group in bases.groupby(KEY, sort=False)}
     out: list[dict[str, Any]] = []
     for _, row in df.iterrows():
-        base = _pick_baseline(row, by_key.get(tuple(row[k] for k in KEY), pd.DataFrame()))
+        base = _pick_baseline(row, by_key.get(tuple(row[k] for k in KEY), pd.DataFrame()), allow_mixed_runs)
         result: dict[str, Any] = dict.fromkeys(COMPARE_COLUMNS, math.nan)
         result["ci_method"] = None
         result["p_mcnemar"] = None

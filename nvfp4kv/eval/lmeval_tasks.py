@@ -1,24 +1,20 @@
 """Task kind ``lm_eval``: run an lm-eval task (GSM8K, MMLU, RULER, ...) for one cell.
 
-Data comes from the hub by default (lm-eval's built-in tasks unchanged). With a local data
-directory (:mod:`nvfp4kv.eval.data`) we *generate* task YAMLs at run time into a content-hashed
-include directory under ``~/.cache/nvfp4kv/lm_eval_tasks/``. Each generated task ``include:``\\ s the
-built-in YAML by absolute path (so prompts, filters and metrics stay lm-eval's) and only swaps the
-data source, with absolute data paths (relative ones would resolve against the CWD):
-
-* ``gsm8k`` / ``gsm8k_cot`` / any task in lm-eval's ``gsm8k/`` folder -> ``<task>_local``:
-  ``dataset_path: json`` over ``gsm8k/{train,test}.jsonl``.
-* ``mmlu`` -> group ``mmlu_local`` (``acc`` aggregated over subjects weighted by size, as lm-eval's
-  ``mmlu`` group does) of ``mmlu_local_<subject>`` tasks built on the built-in
-  ``mmlu/default/_default_template_yaml``: ``dataset_path: csv`` over the headerless CSVs with
-  ``column_names``, ``keep_default_na: false`` (pandas would otherwise turn answer options that
-  read "None" into NaN; four test files have such options) and ``process_docs`` mapping
-  ``question,A,B,C,D,answer-letter`` to the hub schema (``choices`` list, ``answer`` index).
-  ``subjects: [...]`` picks a subset (hub too, via a generated group over ``mmlu_<subject>``).
+GSM8K and MMLU data come from the first of: a configured data directory (``$NVFP4KV_DATA_DIR`` /
+``data_dir``), ``shared/data`` beside the checkout, the hub, and, with the hub offline or
+unreachable, the small sample this package embeds (quick start and tests only); the order and
+its reasons are in :mod:`nvfp4kv.eval.data`. The hub route runs lm-eval's built-in tasks
+unchanged; the local routes run generated task YAMLs that include the built-in ones and swap
+only the data files (:mod:`nvfp4kv.eval.local_task_yaml`). ``subjects: [...]`` picks an MMLU
+subset (hub too, via a generated group over ``mmlu_<subject>``).
 
 Other tasks (e.g. RULER ``niah_single_1``, which synthesises its data from a tokenizer) run as
 lm-eval defines them; ``metadata`` from the task config goes to the TaskManager together with
 ``pretrained=<tokenizer dir>``.
+
+:func:`check_lm_eval_task` checks a task config without a model (task name, MMLU subjects, data
+source and files, few-shot pool, and ``limit`` against the embedded sample), so a sweep can run it
+before loading anything; :func:`prepare_task` is memoized, so the run repeats it for free.
 
 Sample selection: lm-eval's ``limit=N`` takes the first N documents of each (sub)task in dataset
 order: deterministic, identical across KV formats (so samples pair up), and independent of the
@@ -28,42 +24,60 @@ at random from train; MMLU takes the first dev rows).
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import dataclasses
+import difflib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lm_eval
-import lm_eval.tasks
-import yaml
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._yaml_loader import load_yaml
 
 from nvfp4kv.eval.api import CellResult, MetricValue, register_task_kind
 from nvfp4kv.eval.data import (
+    SAMPLE_FIX,
+    DataSource,
+    announce_sample,
+    count_rows,
+    files_sha256,
     gsm8k_files,
-    hub_dataset_cached,
     hub_is_offline,
     mmlu_files,
     offline_hub_error,
     resolve_data_dir,
+    resolve_data_source,
+    sample_mmlu_subjects,
+)
+from nvfp4kv.eval.local_task_yaml import (  # noqa: F401  (re-exported: the public names of this module)
+    BUILTIN_TASKS_DIR,
+    GSM8K_HUB,
+    MMLU_CSV_COLUMNS,
+    MMLU_HUB,
+    MMLU_TEMPLATE,
+    OWN_TASKS_DIR,
+    builtin_task_config,
+    gsm8k_builtin_tasks,
+    gsm8k_local_yaml,
+    group_yaml,
+    hub_dataset_for,
+    is_mmlu_task,
+    mmlu_local_yaml,
+    mmlu_subject_descriptions,
+    needs_data_dir,
+    process_mmlu_local_docs,
+    task_yaml_root,
+    write_include_dir,
+)
+from nvfp4kv.eval.task_checks import (
+    check_fewshot_pool,
+    check_mmlu_subjects,
+    check_num_fewshot,
+    check_sample_capacity,
+    check_task_name,
 )
 from nvfp4kv.errors import ConfigError, DatasetNotFoundError
-
-BUILTIN_TASKS_DIR = Path(lm_eval.tasks.__file__).resolve().parent
-_GSM8K_DIR = BUILTIN_TASKS_DIR / "gsm8k"
-_MMLU_DIR = BUILTIN_TASKS_DIR / "mmlu" / "default"
-_MMLU_TEMPLATE = _MMLU_DIR / "_default_template_yaml"
-MMLU_CSV_COLUMNS = ["question", "A", "B", "C", "D", "answer"]
-_LETTERS = ("A", "B", "C", "D")
-_LOCAL_TAG = "nvfp4kv_local"
 
 #: task_cfg keys this runner reads (others, like ``kind``/``name``, belong to the runner)
 TASK_CONFIG_KEYS = (
@@ -71,6 +85,7 @@ TASK_CONFIG_KEYS = (
     "data_dir", "loglikelihood_mode", "bootstrap_iters", "apply_chat_template", "fewshot_as_multiturn",
     "system_instruction", "batch_size",
 )
+_DATASET_LABELS = {GSM8K_HUB: "GSM8K", MMLU_HUB: "MMLU"}
 
 
 # ---------------------------------------------------------------------------- task config
@@ -110,11 +125,14 @@ class LmEvalTaskConfig:
     batch_size: int = 1
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> LmEvalTaskConfig:
-        cfg = to_plain(cfg)
+    def from_dict(cls, cfg: Mapping[str, Any]) -> LmEvalTaskConfig:
+        cfg = to_plain(dict(cfg))
         unknown = sorted(set(cfg) - set(TASK_CONFIG_KEYS))
         if unknown:
-            raise ConfigError(f"Unknown key(s) {unknown} in lm_eval task config; allowed: {list(TASK_CONFIG_KEYS)}.")
+            hints = {k: difflib.get_close_matches(k, TASK_CONFIG_KEYS, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r} -> did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise ConfigError(f"Unknown key(s) {unknown} in lm_eval task config{f' ({hint})' if hint else ''}; "
+                              f"allowed: {list(TASK_CONFIG_KEYS)}.")
         name = cfg.get("name") or cfg.get("lm_eval_task")
         if not name:
             raise ConfigError("An lm_eval task config needs `lm_eval_task:` (e.g. gsm8k, mmlu, niah_single_1).")
@@ -127,7 +145,7 @@ class LmEvalTaskConfig:
         return cls(
             name=str(name),
             lm_eval_task=str(cfg.get("lm_eval_task") or name),
-            num_fewshot=cfg.get("num_fewshot"),
+            num_fewshot=check_num_fewshot(cfg.get("num_fewshot")),
             metrics=tuple(metrics) if metrics else None,
             gen_kwargs=dict(cfg["gen_kwargs"]) if cfg.get("gen_kwargs") else None,
             subjects=tuple(subjects) if subjects is not None else None,
@@ -144,185 +162,179 @@ class LmEvalTaskConfig:
 
 @dataclass(frozen=True)
 class PreparedTask:
-    """What to hand lm-eval: the top-level task/group name and where its YAMLs live."""
+    """What to hand lm-eval (the top-level task/group name and where its YAMLs live), and which
+    data it reads."""
 
     task_name: str
     include_dir: Path | None
     include_defaults: bool
     hub_dataset: str | None  # the hub dataset the task reads, for the offline error
-    data_source: str  # "hub" or "local:<dir>"
+    data_source: str  # "hub", "local:<dir>", "embedded-sample", or "lm_eval" (lm-eval's own data)
+    source: DataSource | None = None
+    eval_files: tuple[Path, ...] = ()  # test split per (sub)task, local routes only
+    fewshot_files: tuple[Path, ...] = ()  # few-shot pool per (sub)task, local routes only
+    data_sha256: str | None = None  # over eval_files + fewshot_files (names relative to the root)
+
+    @property
+    def data_files(self) -> tuple[Path, ...]:
+        return self.eval_files + self.fewshot_files
+
+    def data_identity(self) -> dict[str, Any]:
+        """What a run identity / cell record needs about the data: ``data_source`` (``hub``,
+        ``local:<dir>``, ``embedded-sample``, ``lm_eval``), ``data_sha256`` (None for the hub and
+        lm-eval's own data), and the ``hub_dataset`` id on the hub route."""
+        identity: dict[str, Any] = {"data_source": self.data_source, "data_sha256": self.data_sha256}
+        if self.hub_dataset:
+            identity["hub_dataset"] = self.hub_dataset
+        return identity
 
 
-# ---------------------------------------------------------------------------- built-in lookup
-def _builtin_yaml_for(folder: Path, task_name: str) -> Path | None:
-    for path in sorted(folder.glob("*.yaml")):
-        if load_yaml(path, resolve_func=False, recursive=False).get("task") == task_name:
-            return path
-    return None
+# ---------------------------------------------------------------------------- preparation
+_PREPARED: dict[tuple[Any, ...], PreparedTask] = {}
 
 
-def mmlu_subject_descriptions() -> dict[str, str]:
-    """The 57 MMLU subjects of lm-eval's default MMLU, with their prompt descriptions."""
-    return dict(_mmlu_subject_descriptions())
+def _sample_note(source: DataSource, dataset: str, rows: int) -> str:
+    return (f"only the embedded {rows}-row sample of {_DATASET_LABELS.get(dataset, dataset)} ({dataset}) "
+            f"is available ({source.origin})")
 
 
-@functools.lru_cache(maxsize=1)
-def _mmlu_subject_descriptions() -> dict[str, str]:
-    subjects: dict[str, str] = {}
-    for path in sorted(_MMLU_DIR.glob("mmlu_*.yaml")):
-        cfg = load_yaml(path, resolve_func=False, recursive=False)
-        subjects[cfg["dataset_name"]] = cfg["description"]
-    return subjects
-
-
-def _is_gsm8k_task(task: str) -> bool:
-    return _builtin_yaml_for(_GSM8K_DIR, task) is not None
-
-
-def _is_mmlu_task(task: str) -> bool:
-    return task == "mmlu" or (task.startswith("mmlu_") and task[len("mmlu_"):] in _mmlu_subject_descriptions())
-
-
-def needs_data_dir(task: str) -> bool:
-    """Whether ``task`` has a local-data variant (so the data directory setting matters)."""
-    return _is_gsm8k_task(task) or _is_mmlu_task(task)
-
-
-def _mmlu_subjects(requested: tuple[str, ...] | None) -> list[str]:
-    known = mmlu_subject_descriptions()
-    if requested is None:
-        return sorted(known)
-    unknown = [s for s in requested if s not in known]
-    if unknown:
-        raise ConfigError(f"Unknown MMLU subject(s) {unknown}; known: {', '.join(sorted(known))} (or subjects: all).")
-    return list(dict.fromkeys(requested))
-
-
-# ---------------------------------------------------------------------------- YAML generation
-def process_mmlu_local_docs(dataset: Any) -> Any:
-    """Map the original CSV columns (question,A,B,C,D,answer letter) to the hub schema."""
-
-    def convert(doc: dict[str, Any]) -> dict[str, Any]:
-        letter = str(doc["answer"]).strip()
-        if letter not in _LETTERS:
-            raise ValueError(f"MMLU answer {letter!r} is not one of A-D (question: {str(doc['question'])[:60]!r})")
-        return {"question": str(doc["question"]), "choices": [str(doc[k]) for k in _LETTERS],
-                "answer": _LETTERS.index(letter)}
-
-    import datasets
-
-    # Explicit features: without them `answer` would keep the CSV column's string type ("2", not 2).
-    features = datasets.Features({"question": datasets.Value("string"),
-                                  "choices": datasets.Sequence(datasets.Value("string")),
-                                  "answer": datasets.Value("int64")})
-    return dataset.map(convert, remove_columns=list(dataset.column_names), features=features)
-
-
-def _gsm8k_local_yaml(builtin_yaml: Path, task_name: str, data_dir: Path) -> str:
-    files = gsm8k_files(data_dir)
-    cfg = {
-        "include": str(builtin_yaml),
-        "task": f"{task_name}_local",
-        "tag": [_LOCAL_TAG],
-        "dataset_path": "json",
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": {split: str(path) for split, path in files.items()}},
-    }
-    return yaml.safe_dump(cfg, sort_keys=False)
-
-
-def _mmlu_local_yaml(subject: str, description: str, data_dir: Path) -> str:
-    files = mmlu_files(data_dir, subject)
-    cfg = {
-        "include": str(_MMLU_TEMPLATE),
-        "task": f"mmlu_local_{subject}",
-        "task_alias": subject,
-        "tag": [_LOCAL_TAG],
-        "description": description,
-        "dataset_path": "csv",
-        "dataset_name": None,
-        "dataset_kwargs": {
-            "data_files": {split: str(path) for split, path in files.items()},
-            "column_names": MMLU_CSV_COLUMNS,
-            "keep_default_na": False,
-        },
-    }
-    # yaml.safe_dump cannot emit lm-eval's !function tag; append it verbatim.
-    process_docs = "process_docs: !function nvfp4kv.eval.lmeval_tasks.process_mmlu_local_docs\n"
-    return yaml.safe_dump(cfg, sort_keys=False) + process_docs
-
-
-def _group_yaml(group: str, tasks: Sequence[str]) -> str:
-    return yaml.safe_dump({
-        "group": group,
-        "task": list(tasks),
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-        "metadata": {"version": 2},
-    }, sort_keys=False)
-
-
-def task_yaml_root() -> Path:
-    from nvfp4kv.models import cache_root
-
-    return cache_root() / "lm_eval_tasks"
-
-
-def write_include_dir(files: dict[str, str], root: Path | None = None) -> Path:
-    """Write generated YAMLs into a directory named by their content hash (reused if present).
-
-    Written into a temporary sibling and renamed into place, so concurrent runs never see a
-    half-written directory (lm-eval would index whatever YAMLs it finds).
-    """
-    root = root or task_yaml_root()
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-    target = root / digest
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process created it first
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def prepare_task(cfg: LmEvalTaskConfig, data_dir: Path | None) -> PreparedTask:
-    """Decide hub vs local, and generate the YAMLs the chosen route needs."""
-    task = cfg.lm_eval_task
-    local = f"local:{data_dir}" if data_dir is not None else "hub"
-    gsm8k_yaml = _builtin_yaml_for(_GSM8K_DIR, task)
-    if gsm8k_yaml is not None:
-        if data_dir is None:
-            return PreparedTask(task, None, True, "openai/gsm8k", "hub")
-        text = _gsm8k_local_yaml(gsm8k_yaml, task, data_dir)
-        return PreparedTask(f"{task}_local", write_include_dir({f"{task}_local.yaml": text}), False, None, local)
-
-    if _is_mmlu_task(task):
-        requested = cfg.subjects if task == "mmlu" else (task[len("mmlu_"):],)
-        subjects = _mmlu_subjects(requested)
-        if data_dir is None:
-            if task != "mmlu" or cfg.subjects is None:
-                return PreparedTask(task, None, True, "cais/mmlu", "hub")
+def _prepare(task: str, subjects: tuple[str, ...] | None, all_subjects: bool, source: DataSource,
+             key: str) -> PreparedTask:
+    if source.kind == "hub":
+        if task == "mmlu" and not all_subjects:
             group = "mmlu_hub_subset"
-            files = {f"_{group}.yaml": _group_yaml(group, [f"mmlu_{s}" for s in subjects])}
-            return PreparedTask(group, write_include_dir(files), True, "cais/mmlu", "hub")
-        descriptions = mmlu_subject_descriptions()
-        files = {f"mmlu_local_{s}.yaml": _mmlu_local_yaml(s, descriptions[s], data_dir) for s in subjects}
+            files = {f"_{group}.yaml": group_yaml(group, [f"mmlu_{s}" for s in subjects or ()])}
+            return PreparedTask(group, write_include_dir(files, task_yaml_root()), True, MMLU_HUB, "hub", source)
+        return PreparedTask(task, None, True, hub_dataset_for(task), "hub", source)
+
+    root = source.root
+    assert root is not None
+    if subjects is None:  # GSM8K
+        split_files = gsm8k_files(root)
+        text = gsm8k_local_yaml(task, root)
+        prepared_files = {f"{task}_local.yaml": text}
+        top = f"{task}_local"
+        eval_files, fewshot_files = (split_files["test"],), (split_files["train"],)
+    else:
+        if source.is_sample:
+            have = sample_mmlu_subjects()
+            missing = [s for s in subjects if s not in have]
+            if missing:
+                what = ("subjects=all asks for all 57 MMLU subjects, but they are" if task == "mmlu" and all_subjects
+                        else f"{key}: MMLU subject(s) {missing} are")
+                raise DatasetNotFoundError(
+                    f"{what} not in the embedded sample, which has only {', '.join(have)} ({source.origin}); "
+                    f"pick from those, or {SAMPLE_FIX}."
+                )
+        per_subject = {s: mmlu_files(root, s) for s in subjects}
+        prepared_files = {f"mmlu_local_{s}.yaml": mmlu_local_yaml(s, root) for s in subjects}
         if task == "mmlu":
-            files["_mmlu_local.yaml"] = _group_yaml("mmlu_local", [f"mmlu_local_{s}" for s in subjects])
+            prepared_files["_mmlu_local.yaml"] = group_yaml("mmlu_local", [f"mmlu_local_{s}" for s in subjects])
             top = "mmlu_local"
         else:
             top = f"mmlu_local_{subjects[0]}"
-        return PreparedTask(top, write_include_dir(files), False, None, local)
+        eval_files = tuple(f["test"] for f in per_subject.values())
+        fewshot_files = tuple(f["dev"] for f in per_subject.values())
+    return PreparedTask(
+        top, write_include_dir(prepared_files, task_yaml_root()), False, None, source.label, source,
+        eval_files, fewshot_files, files_sha256(eval_files + fewshot_files, root),
+    )
 
-    return PreparedTask(task, None, True, None, "lm_eval")
+
+def prepare_task(cfg: LmEvalTaskConfig, data_dir: str | Path | None = None) -> PreparedTask:
+    """Pick the data source (:func:`~nvfp4kv.eval.data.resolve_data_source`; ``data_dir`` is the
+    configured directory, ``$NVFP4KV_DATA_DIR`` still wins, ``None`` goes on to the directory
+    beside the checkout, the hub, the embedded sample) and generate the YAMLs that route needs.
+
+    Memoized by (task, subjects, data source, YAML root): validation and the run (and every KV
+    config of a sweep) share one preparation; a hit costs env checks and a stat per data file.
+    Raises :class:`ConfigError` for an unknown MMLU subject and :class:`DatasetNotFoundError`
+    for missing files, or subjects the embedded sample lacks.
+    """
+    task = cfg.lm_eval_task
+    dataset = hub_dataset_for(task)
+    if dataset is None:
+        return PreparedTask(task, None, True, None, "lm_eval")
+    subjects: tuple[str, ...] | None = None
+    key = "lm_eval_task"
+    if is_mmlu_task(task):
+        requested = cfg.subjects if task == "mmlu" else (task[len("mmlu_"):],)
+        key = "subjects" if task == "mmlu" else "lm_eval_task"
+        subjects = tuple(check_mmlu_subjects(requested, key=key))
+    all_subjects = task != "mmlu" or cfg.subjects is None
+    source = resolve_data_source(data_dir, dataset)
+    memo_key = (task, subjects, all_subjects, source.kind, str(source.root), str(task_yaml_root()))
+    prepared = _PREPARED.get(memo_key)
+    if prepared is None or (prepared.include_dir is not None and not prepared.include_dir.is_dir()) \
+            or not all(p.is_file() for p in prepared.data_files):
+        prepared = _PREPARED[memo_key] = _prepare(task, subjects, all_subjects, source, key)
+    elif prepared.data_files and source.root is not None:
+        # the YAMLs name files, not contents: only the fingerprint can go stale (memoized per file stat)
+        digest = files_sha256(prepared.data_files, source.root)
+        if digest != prepared.data_sha256:
+            prepared = _PREPARED[memo_key] = dataclasses.replace(prepared, data_sha256=digest)
+    if source.is_sample:
+        announce_sample(_DATASET_LABELS[dataset], sum(count_rows(p) for p in prepared.eval_files), source.origin)
+    return prepared
+
+
+def _default_num_fewshot(task: str) -> int:
+    if task in gsm8k_builtin_tasks():
+        return int(builtin_task_config(gsm8k_builtin_tasks()[task]).get("num_fewshot") or 0)
+    return int(builtin_task_config(MMLU_TEMPLATE).get("num_fewshot") or 0)
+
+
+def _uses_fewshot_split(task: str) -> bool:
+    path = gsm8k_builtin_tasks().get(task, MMLU_TEMPLATE)
+    return builtin_task_config(path).get("fewshot_split") is not None
+
+
+def check_rows(cfg: LmEvalTaskConfig, prepared: PreparedTask, limit: int | None) -> None:
+    """The few-shot pool holds ``num_fewshot`` examples, and, when the task reads the embedded
+    sample, ``limit`` asks for no more documents per (sub)task than it has (``None`` = all is too
+    many). Nothing to check on the hub route or for lm-eval's own data."""
+    source = prepared.source
+    if source is None or source.kind == "hub" or not prepared.eval_files:
+        return
+    dataset = hub_dataset_for(cfg.lm_eval_task) or ""
+    note = _sample_note(source, dataset, sum(count_rows(p) for p in prepared.eval_files)) if source.is_sample else ""
+    shots = cfg.num_fewshot if cfg.num_fewshot is not None else _default_num_fewshot(cfg.lm_eval_task)
+    if shots and prepared.fewshot_files and _uses_fewshot_split(cfg.lm_eval_task):
+        pool = min(count_rows(p) for p in prepared.fewshot_files)
+        what = "GSM8K train split" if dataset == GSM8K_HUB else "MMLU dev split, per subject"
+        check_fewshot_pool(shots, pool, what=what, sample=source.is_sample, sample_note=note)
+    if source.is_sample:
+        check_sample_capacity(limit, min(count_rows(p) for p in prepared.eval_files), sample_note=note)
+
+
+def check_lm_eval_task(task_cfg: Mapping[str, Any], *, limit: int | None = None) -> PreparedTask:
+    """Every check an ``lm_eval`` task config allows without a model; returns the prepared task.
+
+    In order: config keys, ``loglikelihood_mode``, ``num_fewshot``, the task name (GSM8K/MMLU
+    directly, other names against lm-eval's registry, cached), ``subjects`` (MMLU only, each one of
+    the 57), the data source and its files, the few-shot pool, and ``limit`` (the sweep's
+    effective limit for this task) against the embedded sample. Each failure is one
+    :class:`ConfigError` / :class:`DatasetNotFoundError` line naming the key and the fix.
+    ``result.data_identity()`` is what a run identity needs about the data.
+    """
+    from nvfp4kv.eval.lm import LOGLIKELIHOOD_MODES
+
+    cfg = LmEvalTaskConfig.from_dict(task_cfg)
+    if cfg.loglikelihood_mode not in LOGLIKELIHOOD_MODES:
+        raise ConfigError(f"loglikelihood_mode={cfg.loglikelihood_mode!r}; use one of {', '.join(LOGLIKELIHOOD_MODES)}.")
+    check_task_name(cfg.lm_eval_task)
+    if cfg.subjects is not None and cfg.lm_eval_task != "mmlu":
+        raise ConfigError(f"subjects={list(cfg.subjects)} only applies to lm_eval_task: mmlu (this task is "
+                          f"{cfg.lm_eval_task!r}); drop subjects, or set lm_eval_task: mmlu.")
+    prepared = prepare_task(cfg, resolve_data_dir(cfg.data_dir) if needs_data_dir(cfg.lm_eval_task) else None)
+    check_rows(cfg, prepared, limit)
+    return prepared
+
+
+def task_data_identity(task_cfg: Mapping[str, Any], *, limit: int | None = None) -> dict[str, Any]:
+    """``{"data_source": ..., "data_sha256": ..., ["hub_dataset": ...]}`` for an ``lm_eval`` task
+    config (see :meth:`PreparedTask.data_identity`); runs :func:`check_lm_eval_task`."""
+    return check_lm_eval_task(task_cfg, limit=limit).data_identity()
 
 
 # ---------------------------------------------------------------------------- running
@@ -330,11 +342,13 @@ _TASK_MANAGERS: dict[str, TaskManager] = {}
 
 
 def _task_manager(prepared: PreparedTask, metadata: dict[str, Any]) -> TaskManager:
-    """TaskManagers are cached: indexing lm-eval's built-in tasks costs ~10 s on a CPU."""
-    key = json.dumps([str(prepared.include_dir), prepared.include_defaults, metadata], sort_keys=True, default=str)
+    """TaskManagers are cached: indexing lm-eval's built-in tasks costs ~7 s on a CPU."""
+    include = [str(p) for p in (OWN_TASKS_DIR if prepared.include_defaults and OWN_TASKS_DIR.is_dir() else None,
+                                prepared.include_dir) if p is not None]
+    key = json.dumps([include, prepared.include_defaults, metadata], sort_keys=True, default=str)
     if key not in _TASK_MANAGERS:
         _TASK_MANAGERS[key] = TaskManager(
-            include_path=str(prepared.include_dir) if prepared.include_dir else None,
+            include_path=include or None,
             include_defaults=prepared.include_defaults,
             metadata=metadata or None,
         )
@@ -387,7 +401,8 @@ def run_lm_eval_task(
     - ``subjects``: MMLU subset (list) or ``all`` (default).
     - ``metadata``: TaskManager metadata for lm-eval-defined tasks (RULER: ``max_seq_lengths``);
       ``pretrained`` defaults to the model's tokenizer directory.
-    - ``data_dir``: local data directory (``$NVFP4KV_DATA_DIR`` wins); unset means the hub.
+    - ``data_dir``: local data directory (``$NVFP4KV_DATA_DIR`` wins); unset: ``shared/data``
+      beside the checkout, else the hub, else (hub offline) the embedded sample.
     - ``loglikelihood_mode``: ``decode_faithful`` (default) | ``all_quantized`` | ``raw_prefill``.
     - ``bootstrap_iters`` (100000; only non-mean aggregations bootstrap), ``apply_chat_template``
       (False), ``fewshot_as_multiturn`` (False), ``system_instruction`` (None), ``batch_size`` (1).
@@ -397,11 +412,13 @@ def run_lm_eval_task(
     Metric keys are lm-eval's (``acc,none``, ``exact_match,strict-match``); samples have
     ``doc_id`` (``"<subtask>:<id>"`` for groups), ``subtask``, ``metrics``, ``target``,
     ``prediction`` (generated text, or the argmax choice index) and ``filtered`` (per filter).
+    ``extra`` records ``data_source`` (``hub`` / ``local:<dir>`` / ``embedded-sample`` / ``lm_eval``)
+    and ``data_sha256`` (:meth:`PreparedTask.data_identity`).
     """
     cfg = LmEvalTaskConfig.from_dict(task_cfg)
+    # memoized: free when the sweep ran check_lm_eval_task; fails in ms, before lm-eval indexes its tasks
     prepared = prepare_task(cfg, resolve_data_dir(cfg.data_dir) if needs_data_dir(cfg.lm_eval_task) else None)
-    if prepared.hub_dataset and hub_is_offline() and not hub_dataset_cached(prepared.hub_dataset):
-        raise offline_hub_error(prepared.hub_dataset)  # fail in ms, not after indexing lm-eval's tasks
+    check_rows(cfg, prepared, limit)
     from lm_eval.evaluator import simple_evaluate
 
     from nvfp4kv.eval.lm import KVQuantLM
@@ -440,7 +457,7 @@ def run_lm_eval_task(
     samples = _samples(output, leaves)
     extra = {
         "lm_eval_task": prepared.task_name,
-        "data_source": prepared.data_source,
+        **prepared.data_identity(),
         "loglikelihood_mode": lm.loglikelihood_mode,
         "num_fewshot": {t: output.get("n-shot", {}).get(t) for t in leaves},
         "limit": limit,
@@ -450,6 +467,7 @@ def run_lm_eval_task(
     if len(leaves) > 1 or leaves != [prepared.task_name]:
         extra["subtasks"] = {t: {k: vars(v) for k, v in _metrics(output, t, [t], cfg.metrics).items()} for t in leaves}
     return CellResult(metrics=metrics, samples=samples, extra=_jsonable(extra))
+
 
 
 # ---------------------------------------------------------------------------- result extraction
