@@ -161,18 +161,22 @@ def _guard(rows: list[dict[str, Any]], section: str, name: str, fn: Callable[[],
 
 
 def _quant_cases() -> list[tuple[str, Callable, Callable, bool]]:
-    """(format, quantize(x, gs) -> parts tuple, dequantize(parts, gs, dtype), uses gs)."""
+    """(format, quantize(x, gs) -> parts tuple, dequantize(parts, gs, dtype), uses gs).
+
+    Dequantize saturates (``satfinite=True``) like the formats' ``dequantize``: the path the
+    cache's Triton backend runs.
+    """
     from nvfp4kv.kernels import triton_fp8, triton_mx, triton_nvfp4
 
     return [
         ("nvfp4", lambda x, gs: triton_nvfp4.quantize_nvfp4(x, gs),
-         lambda p, gs, dt: triton_nvfp4.dequantize_nvfp4(p[0], p[1], gs, dt), True),
+         lambda p, gs, dt: triton_nvfp4.dequantize_nvfp4(p[0], p[1], gs, dt, satfinite=True), True),
         ("fp4_mx_block16", lambda x, gs: triton_mx.quantize_fp4_mx_block16(x),
-         lambda p, gs, dt: triton_mx.dequantize_fp4_mx_block16(p[0], p[1], dt), False),
+         lambda p, gs, dt: triton_mx.dequantize_fp4_mx_block16(p[0], p[1], dt, satfinite=True), False),
         ("mxfp4", lambda x, gs: triton_mx.quantize_mxfp4(x),
-         lambda p, gs, dt: triton_mx.dequantize_mxfp4(p[0], p[1], dt), False),
+         lambda p, gs, dt: triton_mx.dequantize_mxfp4(p[0], p[1], dt, satfinite=True), False),
         ("fp8_e4m3", lambda x, gs: (triton_fp8.quantize_fp8_e4m3(x, gs)[0],),
-         lambda p, gs, dt: triton_fp8.dequantize_fp8_e4m3(p[0], gs, dt), True),
+         lambda p, gs, dt: triton_fp8.dequantize_fp8_e4m3(p[0], gs, dt, satfinite=True), True),
     ]
 
 
@@ -225,8 +229,8 @@ def bench_throughput(rows: list[dict[str, Any]], dev: torch.device, shape: tuple
 
 def bench_decode(rows: list[dict[str, Any]], dev: torch.device, contexts: tuple[int, ...], sweep: bool) -> None:
     from nvfp4kv.kernels import triton_fp8, triton_nvfp4
-    from nvfp4kv.kernels.attention_interface import packed_operand
     from nvfp4kv.kernels.decode_attention import decode_attention
+    from nvfp4kv.kernels.packed_operand import packed_operand
 
     b, hq, hkv, d = (DECODE_SHAPE[k] for k in ("batch", "q_heads", "kv_heads", "head_dim"))
     nvfp4, fp8 = get_format("nvfp4"), get_format("fp8_e4m3")
@@ -254,8 +258,9 @@ def bench_decode(rows: list[dict[str, Any]], dev: torch.device, contexts: tuple[
                 "nvfp4 fused triton, no prefetch": lambda: decode_attention(q, k_op, v_op, scale=scale, prefetch=False),
                 "fp8 fused triton": lambda: decode_attention(q, k8, v8, scale=scale),
                 "nvfp4 dequant(triton) + bf16 sdpa": lambda: F.scaled_dot_product_attention(
-                    q, triton_nvfp4.dequantize_nvfp4(kc, ks, k_gs, torch.bfloat16),
-                    triton_nvfp4.dequantize_nvfp4(vc, vs, v_gs, torch.bfloat16), scale=scale, enable_gqa=True),
+                    q, triton_nvfp4.dequantize_nvfp4(kc, ks, k_gs, torch.bfloat16, satfinite=True),
+                    triton_nvfp4.dequantize_nvfp4(vc, vs, v_gs, torch.bfloat16, satfinite=True), scale=scale,
+                    enable_gqa=True),
             }
             eager, graph = {}, {}
             for label, fn in fns.items():

@@ -2,8 +2,9 @@
 
 Greedy generation through the fused path must give the tokens (and, within the kernel's
 tolerance, the scores) of the SDPA path over the same cache config, the kernel must really run
-on every decode step of every layer, and once the attention function has claimed a layer the
-layer must stop dequantizing its history (it hands over stand-ins plus the packed view).
+on every decode step of every layer, and once the attention function has accepted a layer's
+handoff the layer must stop dequantizing its history (it hands over stand-ins plus the packed
+view, through the one channel: the attention kwargs).
 """
 
 from __future__ import annotations
@@ -114,19 +115,23 @@ def test_packed_view_lays_out_sink_packed_and_pending_tokens() -> None:
     assert all_pending.packed_view() is None  # nothing packed yet
 
 
-def test_layer_hands_over_standins_only_after_a_claim() -> None:
+def test_layer_hands_over_standins_only_after_an_accept() -> None:
     layer = _layer()
     k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
     layer.update(k, v)
     one_k, one_v = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
     forwarded: dict = {}
     k_out, _ = layer.update(one_k, one_v, kwargs=forwarded)
-    assert k_out.stride(2) != 0 and ai.PACKED_VIEW_KWARG not in forwarded  # not claimed: real K/V
-    assert forwarded[ai.READER_PROBE_KWARG] is layer
-    layer.claim_fused_reader()  # what nvfp4kv_decode does when it can run the kernel
+    handoff = forwarded[ai.PACKED_KV_KWARG]
+    assert k_out.stride(2) != 0 and handoff.view is None and not handoff.standins  # not accepted: real K/V
+    handoff.accept()  # what nvfp4kv_decode does when it can run the kernel
     forwarded = {}
     k_out, v_out = layer.update(one_k, one_v, kwargs=forwarded)
     assert k_out.shape == (1, 2, 7, 32) and k_out.stride(2) == 0 and v_out.stride(2) == 0
-    assert isinstance(forwarded[ai.PACKED_VIEW_KWARG], ai.PackedKVView)
-    k_out, _ = layer.update(one_k, one_v)  # the claim is not renewed by itself
+    handoff = forwarded[ai.PACKED_KV_KWARG]
+    assert isinstance(handoff.view, ai.PackedKVView) and handoff.standins
+    k_out, _ = layer.update(one_k, one_v, kwargs={})  # the acceptance is not renewed by itself
     assert k_out.stride(2) != 0 and k_out.shape[2] == 8
+    layer.claim_fused_reader()
+    k_out, _ = layer.update(one_k, one_v)  # no channel (no forwarded kwargs): never stand-ins
+    assert k_out.stride(2) != 0 and k_out.shape[2] == 9

@@ -243,3 +243,31 @@ def test_keep_lets_nan_propagate(poisoned_llama) -> None:
     ones too: NaN + -inf is NaN)."""
     logits = _prefill(poisoned_llama, make_cache(poisoned_llama, KVCacheConfig(nonfinite="keep")))
     assert torch.isnan(logits[:, POISONED_TOKEN:]).all()
+
+
+# ---------------------------------------------------------------- the kernel backends saturate too
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the interpreter's FP32 math
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "options"), [c for c in CONFIGS if get_format(c[0]).kernels.has("triton")],
+                         ids=[i for c, i in zip(CONFIGS, IDS) if get_format(c[0]).kernels.has("triton")])
+def test_triton_backend_saturates_bit_identically_to_the_reference(name: str, options: dict, dtype: torch.dtype) -> None:
+    """Issue 10 F9: the Triton dequantize path (here under TRITON_INTERPRET=1, small tensors)
+    returns the reference's saturated bits, not Inf, for every extreme value and output dtype."""
+    from nvfp4kv.kernels import get_backend
+
+    fmt = get_format(name, **options)
+    values = torch.tensor(extremes(dtype), dtype=torch.float32)
+    x = values.repeat(2 * 2 * D // len(values) + 1)[: 2 * 2 * D].reshape(1, 2, 2, D).to(dtype)
+    x[0, 1, 1, :16] = float(values[0])  # an all-max block: the overflow case of block-16 FP4
+    gs = fmt.global_scale(x) if fmt.uses_global_scale else None
+    parts = fmt.quantize(x, gs)
+    backend = get_backend("triton")
+    for out_dtype in DTYPES:  # narrower outputs than the input overflow unless saturated
+        ref = fmt.dequantize(parts, gs, out_dtype)
+        got = backend.dequantize(fmt, parts, gs, out_dtype)
+        assert torch.isfinite(got).all(), f"{fmt} -> {out_dtype}: Inf from the Triton path"
+        assert torch.equal(_bits(got), _bits(ref)), f"{fmt} -> {out_dtype}: not the reference's bits"

@@ -126,7 +126,7 @@ def _fake_flashinfer(calls: list) -> types.ModuleType:
 
 
 def test_flashinfer_bridge_plumbing_with_a_fake_module() -> None:
-    from nvfp4kv.kernels.flashinfer_nvfp4 import FlashInferBackend
+    from nvfp4kv.kernels.backend import FlashInferBackend
 
     calls: list = []
     backend = FlashInferBackend(module=_fake_flashinfer(calls))
@@ -161,3 +161,87 @@ def test_flashinfer_agreement_on_sm100() -> None:  # pragma: no cover - no Black
     ref = fmt.quantize(x.cpu(), gs.cpu())
     agree = (parts["codes"].cpu() == ref["codes"]).float().mean().item()
     assert agree > 0.999, f"FlashInfer codes agree with the reference on only {agree:.4%} of bytes"
+
+
+def test_flashinfer_bridge_saturates_like_the_reference() -> None:
+    """FlashInfer's dequantize overflows to Inf past FP16's max; the backend saturates (F9)."""
+    from nvfp4kv.kernels.backend import FlashInferBackend
+
+    backend = FlashInferBackend(module=_fake_flashinfer([]))
+    fmt = get_format("nvfp4")
+    x = torch.full((1, 1, 2, 32), 1.0, dtype=torch.bfloat16)
+    x[0, 0, 0, :16] = 65504.0
+    gs = fmt.global_scale(x) * 1.01  # a calibrated scale a little above this data's: decodes past 65504
+    parts = fmt.quantize(x, gs)
+    out = backend.dequantize(fmt, parts, gs, torch.float16)
+    assert torch.isfinite(out).all() and out.max().item() == 65504.0
+    assert torch.equal(out, fmt.dequantize(parts, gs, torch.float16))
+
+
+# ---------------------------------------------------------------- a format owns its kernels
+def test_a_format_declared_outside_the_package_gets_kernels_backends_and_fused_decode(monkeypatch) -> None:
+    """Adding a format is its module (+ kernels it declares): no table in nvfp4kv.kernels or
+    nvfp4kv.cache names it. A subclass registered under a new name, declaring nvfp4's kernels,
+    is served by the Triton backend, the fused decode operand and the cache config as is; one
+    declaring no kernels falls back to its reference and is not fused."""
+    from dataclasses import dataclass, field
+
+    from nvfp4kv.cache import KVCacheConfig, QuantizedKVCache
+    from nvfp4kv.formats import FormatKernels
+    from nvfp4kv.formats import base as formats_base
+    from nvfp4kv.formats.nvfp4 import NVFP4Format
+    from nvfp4kv.kernels.packed_operand import packed_operand
+
+    @dataclass(frozen=True)
+    class DemoFormat(NVFP4Format):
+        name: str = field(default="demo_nvfp4", init=False)
+
+    @dataclass(frozen=True)
+    class PlainFormat(NVFP4Format):
+        kernels = FormatKernels()
+        name: str = field(default="demo_plain", init=False)
+
+    monkeypatch.setitem(formats_base._REGISTRY, "demo_nvfp4", DemoFormat)
+    monkeypatch.setitem(formats_base._REGISTRY, "demo_plain", PlainFormat)
+    x = torch.randn(1, 2, 4, 32, generator=torch.Generator().manual_seed(4))
+    backend = get_backend("triton")
+    for name in ("demo_nvfp4", "demo_plain"):
+        fmt = get_format(name)
+        gs = fmt.global_scale(x)
+        parts = backend.quantize(fmt, x.to(DEVICE), gs.to(DEVICE))
+        ref = fmt.quantize(x, gs)
+        assert all(_same(parts[k], ref[k]) for k in ref)
+        assert _same(backend.dequantize(fmt, parts, gs.to(DEVICE), torch.float16), fmt.dequantize(ref, gs, torch.float16))
+        assert (packed_operand(fmt, ref, gs) is not None) == (name == "demo_nvfp4")
+    cfg = KVCacheConfig(k_format="demo_nvfp4", v_format="demo_plain", backend="triton", scale_policy="static",
+                        static_scales={0: (0.1, 0.1)}, scale_convention="trtllm_xqa")  # nvfp4's conventions
+    cache = QuantizedKVCache(cfg)
+    k_out, _ = cache.update(x.to(DEVICE), x.to(DEVICE), 0)
+    assert k_out.shape == x.shape and cache.layers[0].k_format.name == "demo_nvfp4"
+
+
+def test_no_module_in_kernels_or_cache_branches_on_a_format_name() -> None:
+    """The invariant behind "a format owns its kernels": no ``== "nvfp4"``, ``in ("mxfp4", ...)``
+    or dict keyed by a format name in nvfp4kv/kernels or nvfp4kv/cache."""
+    import re
+    from pathlib import Path
+
+    import nvfp4kv
+    from nvfp4kv.formats import available_formats
+
+    names = "|".join(re.escape(n) for n in available_formats())
+    quoted = rf"""["'](?:{names})["']"""
+    patterns = [
+        re.compile(rf"(?:==|!=)\s*{quoted}"),  # name == "nvfp4"
+        re.compile(rf"{quoted}\s*(?:==|!=)"),  # "nvfp4" == name
+        re.compile(rf"\bin\s*[\(\[\{{]\s*{quoted}"),  # name in ("nvfp4", ...)
+        re.compile(rf"^\s*{quoted}\s*:", re.MULTILINE),  # {"nvfp4": ...} table entries
+        re.compile(rf"[\(\[\{{,]\s*{quoted}\s*,\s*{quoted}"),  # tuples/lists of format names
+    ]
+    root = Path(nvfp4kv.__file__).parent
+    offenders = []
+    for package in ("kernels", "cache"):
+        for path in sorted((root / package).glob("*.py")):
+            text = path.read_text()
+            offenders += [f"{path.name}: {m.group(0)!r}" for p in patterns for m in p.finditer(text)]
+    assert not offenders, offenders

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from nvfp4kv.errors import BackendUnavailableError
 from nvfp4kv.formats import get_format
 from nvfp4kv.kernels.attention_interface import (
+    PACKED_KV_KWARG,
+    PackedKVHandoff,
     PackedKVView,
-    attach_packed_view,
-    make_standin,
+    make_standins,
     nvfp4kv_decode_attention,
     packed_operand,
-    publish_packed_view,
+    publish,
     register_attention,
 )
 from nvfp4kv.kernels.decode_attention import DECODE_ATOL, decode_attention
@@ -175,7 +176,7 @@ def test_decode_rejects_bad_shapes() -> None:
 class _PackedLayerForTest:
     """A minimal packed cache layer for the hook (the real one lives in nvfp4kv.cache)."""
 
-    def __new__(cls, fmt_name: str, sinks: int, hook: str):
+    def __new__(cls, fmt_name: str, sinks: int):
         from transformers.cache_utils import DynamicLayer
 
         fmt = get_format(fmt_name)
@@ -195,36 +196,31 @@ class _PackedLayerForTest:
                 self.values = torch.cat([self.rv, fmt.dequantize(self.vp, self.gv, v.dtype)], 2)
                 view = PackedKVView(fmt, fmt, self.kp, self.vp, self.gk, self.gv, packed_start=sinks,
                                     raw_k=self.rk, raw_v=self.rv, raw_positions=torch.arange(sinks, device=k.device))
-                if hook == "tensor":
-                    attach_packed_view(self.keys, view)
-                else:
-                    publish_packed_view(kwargs, view)
+                publish(kwargs, PackedKVHandoff(view))  # the one channel: the forwarded attention kwargs
                 return self.keys, self.values
 
         return Layer()
 
 
-def _packed_cache(n_layers: int, hook: str, fmt_name: str = "nvfp4", sinks: int = 2):
+def _packed_cache(n_layers: int, fmt_name: str = "nvfp4", sinks: int = 2):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    cache.layers = [_PackedLayerForTest(fmt_name, sinks, hook) for _ in range(n_layers)]
+    cache.layers = [_PackedLayerForTest(fmt_name, sinks) for _ in range(n_layers)]
     cache.layer_class_to_replicate = None
     return cache
 
 
-@pytest.mark.parametrize(("dtype", "hook"), [(torch.float32, "tensor"), (torch.bfloat16, "kwargs")])
-def test_attn_implementation_runs_fused_decode_and_matches_sdpa(monkeypatch, dtype: torch.dtype, hook: str) -> None:
-    """Both hooks (view on the returned key tensor / in the forwarded kwargs) reach the kernel."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attn_implementation_runs_fused_decode_and_matches_sdpa(monkeypatch, dtype: torch.dtype) -> None:
+    """A cache publishing a handoff in the forwarded attention kwargs reaches the kernel."""
     import nvfp4kv.kernels.attention_interface as ai
     from nvfp4kv.testing import tiny_llama
+    from transformers.models.llama import modeling_llama
 
-    if hook == "kwargs":
-        from transformers.models.llama import modeling_llama
-
-        if "kwargs=kwargs" not in inspect.getsource(modeling_llama.LlamaAttention.forward):
-            pytest.skip("this transformers version does not forward the attention kwargs to cache.update; "
-                        "the key-tensor hook (tested too) is the one that works there")
+    if "kwargs=kwargs" not in inspect.getsource(modeling_llama.LlamaAttention.forward):
+        pytest.skip("this transformers version does not forward the attention kwargs to cache.update "
+                    "(no channel: nvfp4kv_decode runs SDPA on real K/V there)")
     name = register_attention()
     calls = {"fused": 0}
     real = ai.decode_attention
@@ -245,7 +241,7 @@ def test_attn_implementation_runs_fused_decode_and_matches_sdpa(monkeypatch, dty
         model.set_attn_implementation(impl)
         out = model.generate(
             ids.to(DEVICE), attention_mask=attn.to(DEVICE), max_new_tokens=4, do_sample=False,
-            **{cache_kw: _packed_cache(model.config.num_hidden_layers, hook)}, output_scores=True,
+            **{cache_kw: _packed_cache(model.config.num_hidden_layers)}, output_scores=True,
             return_dict_in_generate=True, pad_token_id=0,
         )
         scores[impl] = torch.stack(out.scores).float().cpu()
@@ -260,10 +256,54 @@ def test_attention_fn_falls_back_to_sdpa_for_prefill_and_refuses_standins() -> N
     module.num_key_value_groups = 2
     q = torch.randn(1, 4, 3, 32)
     k = fmt.dequantize(parts, gs, torch.float32)
-    out, _ = nvfp4kv_decode_attention(module, q, attach_packed_view(k, view), k, None, scaling=32**-0.5)
+    out, _ = nvfp4kv_decode_attention(module, q, k, k, None, scaling=32**-0.5,
+                                      **{PACKED_KV_KWARG: PackedKVHandoff(view)})
     ref = F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(out, ref)
-    k_stand, v_stand = make_standin(view, k, 6)
+    k_stand, v_stand = make_standins(view, k, 6)
     assert k_stand.untyped_storage().nbytes() <= 4  # placeholders cost no memory
     with pytest.raises(BackendUnavailableError, match="stand-in"):
-        nvfp4kv_decode_attention(module, q, k_stand, v_stand, None)
+        nvfp4kv_decode_attention(module, q, k_stand, v_stand, None,
+                                 **{PACKED_KV_KWARG: PackedKVHandoff(view, standins=True)})
+
+
+def test_handoff_is_accepted_only_when_the_kernel_could_run(monkeypatch) -> None:
+    """The attention function accepts (renews) the handoff for calls it could fuse; the
+    accept callback is the only way the cache learns who reads it (no module/tensor state)."""
+    import nvfp4kv.kernels.attention_interface as ai
+
+    fmt, parts, gs = _pack("nvfp4", torch.randn(1, 2, 6, 32))
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2
+    k = fmt.dequantize(parts, gs, torch.float32)
+    accepted: list[bool] = []
+    handoff = PackedKVHandoff(None, on_accept=lambda: accepted.append(True))
+    nvfp4kv_decode_attention(module, torch.randn(1, 4, 3, 32), k, k, None, **{PACKED_KV_KWARG: handoff})
+    assert accepted == [True]  # prefill: SDPA now, but its next decode step could fuse
+    monkeypatch.setattr(ai, "call_blocker", lambda *a, **kw: "test: cannot run")
+    nvfp4kv_decode_attention(module, torch.randn(1, 4, 3, 32), k, k, None, **{PACKED_KV_KWARG: handoff})
+    assert accepted == [True]  # not renewed by a call that could not have fused
+    with pytest.raises(ValueError, match="stand-in"):
+        PackedKVHandoff(None, standins=True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_saturates_kv_like_the_reference_dequantize(dtype: torch.dtype) -> None:
+    """K/V decoding past the query dtype's range (block-16 FP4: 57984 -> code 4 at 2^14 =
+    65536) saturate at its largest finite value, as ``dequantize(..., dtype)`` does, instead of
+    turning the whole row's attention into NaN."""
+    g = torch.Generator().manual_seed(21)
+    b, hkv, hq, tp, d = 1, 1, 2, 20, 32
+    k = torch.randn(b, hkv, tp, d, generator=g)
+    k[0, 0, 3, :16] = 57984.0 if dtype == torch.float16 else 3.3e38
+    v = torch.randn(b, hkv, tp, d, generator=g)
+    k_fmt, k_parts, k_gs = _pack("fp4_mx_block16", k)
+    v_fmt, v_parts, v_gs = _pack("fp4_mx_block16", v)
+    assert not torch.isfinite(k_fmt.dequantize(k_parts, None, torch.float32).to(dtype)).all()  # a plain cast: Inf
+    q = (torch.randn(b, hq, 1, d, generator=g) * 1e-6).to(dtype)  # keeps q.k finite in the query dtype
+    ref = _reference(q, k_fmt, k_parts, k_gs, v_fmt, v_parts, v_gs, None, None, None, 0, None, None)
+    out = decode_attention(q.to(DEVICE), packed_operand(k_fmt, {n: t.to(DEVICE) for n, t in k_parts.items()}, None),
+                           packed_operand(v_fmt, {n: t.to(DEVICE) for n, t in v_parts.items()}, None))
+    assert torch.isfinite(out).all() and torch.isfinite(ref).all()
+    torch.testing.assert_close(out.float().cpu(), ref, atol=DECODE_ATOL[dtype], rtol=0)

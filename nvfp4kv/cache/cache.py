@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
-from nvfp4kv.cache.backend import KVCodec, resolve_codec
 from nvfp4kv.cache.checks import check_kv_states
 from nvfp4kv.cache.config import KVCacheConfig
 from nvfp4kv.cache.layer import PackedKVLayer
 from nvfp4kv.cache.memory import layer_memory
 from nvfp4kv.errors import BlockSizeError, ConfigError
 from nvfp4kv.formats.base import KVFormat
+from nvfp4kv.kernels.backend import KernelBackend, resolve_backend
 
 #: layer types stored packed; everything else keeps transformers' own layer class
 QUANTIZED_LAYER_TYPES = ("full_attention",)
@@ -47,7 +47,8 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, config: KVCacheConfig, model_config: Any | None = None) -> None:
         self.kv_config = config
-        self.codec: KVCodec = resolve_codec(config.backend)
+        #: the backend every layer encodes/decodes with (chosen once, here, from config.backend)
+        self.codec: KernelBackend = resolve_backend(config.backend)
         self._k_format = config.build_format("k")
         self._v_format = config.build_format("v")
         self._bf16_format = config.build_format_named("bf16") if config.skip_layers else None
@@ -153,13 +154,11 @@ class QuantizedKVCache(Cache):
 
 
 def _decode_scale(value: float, fmt: KVFormat, convention: str) -> torch.Tensor | None:
-    """A static scale as the format's FP32 decode scale ``[1, 1, 1, 1]`` (None if unused)."""
+    """A static scale as the format's FP32 decode scale ``[1, 1, 1, 1]`` (None if unused); the
+    format converts from ``convention`` (config validation already refused unsupported ones)."""
     if not fmt.uses_global_scale:
         return None
-    if convention != "decode" and fmt.name == "nvfp4":
-        from nvfp4kv.formats.conventions import to_decode_scale
-
-        value = to_decode_scale(value, convention)
+    value = fmt.static_decode_scale(value, convention)
     return torch.tensor(value, dtype=torch.float32).reshape(1, 1, 1, 1)
 
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from nvfp4kv.errors import ConfigError, UnknownFormatError
-from nvfp4kv.formats.base import NONFINITE_POLICIES, KVFormat, NonFinitePolicy, get_format, normalize_nonfinite
+from nvfp4kv.formats.base import (
+    NONFINITE_POLICIES,
+    KVFormat,
+    NonFinitePolicy,
+    format_class,
+    get_format,
+    normalize_nonfinite,
+)
 
 ScalePolicy = Literal["dynamic", "prefill", "static"]
 ReadMode = Literal["serving", "quantized", "raw_fresh"]
@@ -27,12 +34,6 @@ READ_MODES: tuple[str, ...] = get_args(ReadMode)
 #: backends the config accepts; only "torch" lives in this package, the rest in nvfp4kv.kernels
 BACKENDS: tuple[str, ...] = ("torch", "triton", "flashinfer", "auto")
 
-#: KIVI's layout for the integer baselines: keys per channel (outlier channels get their own
-#: range), values per token. Applied under any options the user gives for these formats.
-KIVI_DEFAULT_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "int4": {"k": {"axis": "channel"}, "v": {"axis": "token"}},
-    "int2": {"k": {"axis": "channel"}, "v": {"axis": "token"}},
-}
 
 
 def ensure_formats_registered() -> None:
@@ -49,8 +50,15 @@ def ensure_formats_registered() -> None:
 
 
 def default_options(format_name: str, which: Literal["k", "v"]) -> dict[str, Any]:
-    """The options a format gets for K or V before the user's own (KIVI axes for int4/int2)."""
-    return dict(KIVI_DEFAULT_OPTIONS.get(format_name, {}).get(which, {}))
+    """The options a format gets for K or V before the user's own, as its class declares them
+    (``KVFormat.default_options``; e.g. KIVI's axes for int4/int2). Unknown names get none
+    here; building the format reports them."""
+    ensure_formats_registered()
+    try:
+        factory = format_class(format_name)
+    except UnknownFormatError:
+        return {}
+    return dict(getattr(factory, "default_options", {}).get(which, {}))
 
 
 @dataclass(frozen=True)
@@ -233,7 +241,9 @@ class KVCacheConfig:
                 f"Unknown scale_convention {self.scale_convention!r}; use one of {', '.join(available_conventions())}."
             )
         if self.scale_policy == "static":
-            others = {f for f in (self.k_format, self.v_format) if f != "nvfp4" and self.build_format_named(f).uses_global_scale}
+            defaults = {name: self.build_format_named(name) for name in (self.k_format, self.v_format)}
+            others = {name for name, fmt in defaults.items()
+                      if fmt.uses_global_scale and not fmt.supports_scale_convention(self.scale_convention)}
             if others:
                 raise ConfigError(
                     f"scale_convention={self.scale_convention!r} is an NVFP4 convention, but static scales are also "

@@ -8,12 +8,13 @@ incoming states (the query's dtype: SDPA and eager attention reject mixed or FP8
 which tokens come back dequantized is the config's ``read_mode``
 (see :class:`~nvfp4kv.cache.config.KVCacheConfig`).
 
-Fused decode (``attn_implementation="nvfp4kv_decode"``, see
-:mod:`nvfp4kv.kernels.attention_interface`): every ``update`` offers the layer as a reader
-probe, and that attention function claims it when it could run the fused kernel. On a decode
-step after such a claim, the layer returns zero-memory stand-ins carrying a
+Fused decode (``attn_implementation="nvfp4kv_decode"``): every ``update`` publishes one
+:class:`~nvfp4kv.kernels.packed_view.PackedKVHandoff` in the attention kwargs transformers
+forwards to ``cache.update`` (the one channel, documented in :mod:`nvfp4kv.kernels.packed_view`).
+That attention function *accepts* it when it could run the fused kernel; on the next decode
+step the layer then returns zero-memory stand-ins and hands over its
 :meth:`PackedKVLayer.packed_view` instead of dequantizing its whole history, so the kernel
-reads the packed bytes directly. Any other attention function never claims, and gets real K/V.
+reads the packed bytes directly. Any other attention function never accepts, and gets real K/V.
 
 ``update`` is atomic (nothing changes unless K and V are both stored) and applies the NaN/Inf
 policy to the incoming K/V before any path reads them, the raw prefill chunk included (see
@@ -23,12 +24,11 @@ policy to the incoming K/V before any path reads them, the raw prefill chunk inc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from nvfp4kv.cache.backend import KVCodec, TorchCodec
 from nvfp4kv.cache.checks import (
     check_against_stored,
     check_kv_states,
@@ -38,9 +38,9 @@ from nvfp4kv.cache.checks import (
 from nvfp4kv.cache.stream import PackedStream
 from nvfp4kv.errors import BlockSizeError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
-
-if TYPE_CHECKING:
-    from nvfp4kv.kernels.attention_interface import PackedKVView
+from nvfp4kv.kernels.backend import KernelBackend, TorchBackend
+from nvfp4kv.kernels.packed_operand import fused_reads_format
+from nvfp4kv.kernels.packed_view import PackedKVHandoff, PackedKVView, has_channel, make_standins, publish
 
 
 class PackedKVLayer(DynamicLayer):
@@ -56,7 +56,7 @@ class PackedKVLayer(DynamicLayer):
         v_format: KVFormat,
         *,
         layer_idx: int,
-        codec: KVCodec | None = None,
+        codec: KernelBackend | None = None,
         read_mode: str = "serving",
         sink_tokens: int = 0,
         residual_length: int = 0,
@@ -75,9 +75,9 @@ class PackedKVLayer(DynamicLayer):
         self.read_mode = read_mode
         #: NaN/Inf policy: "raise", "map" or "keep" (see nvfp4kv.cache.checks); "error" = "raise"
         self.nonfinite = normalize_nonfinite(nonfinite)
-        #: the attention function of the previous call reads packed views (renewed every call)
+        #: the attention function of the previous call accepted packed views (renewed every call)
         self._fused_reader = False
-        codec = codec or TorchCodec()
+        codec = codec or TorchBackend()
         common: dict[str, Any] = dict(
             sink_tokens=sink_tokens, residual_length=residual_length, scale_policy=scale_policy,
             keep_dequantized=keep_dequantized,
@@ -164,40 +164,31 @@ class PackedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.k_stream.append(key_states)
         self.v_stream.append(value_states)
-        from nvfp4kv.kernels.attention_interface import (
-            attach_packed_view,
-            make_standin,
-            offer_fused_reader,
-            publish_packed_view,
-        )
-
         fused_reader, self._fused_reader = self._fused_reader, False
         # a decode step reads every token as stored; raw_fresh reads the new token raw instead
         reads_as_stored = key_states.shape[-2] == 1 and self.read_mode != "raw_fresh"
-        view = self.packed_view() if fused_reader and reads_as_stored else None
+        view = self.packed_view() if fused_reader and reads_as_stored and has_channel(kwargs) else None
         if view is not None:
-            k_out, v_out = make_standin(view, key_states, self.get_seq_length())
-            publish_packed_view(kwargs, view)
+            k_out, v_out = make_standins(view, key_states, self.get_seq_length())
         else:
             fresh_raw = self.read_mode == "raw_fresh" or (self.read_mode == "serving" and key_states.shape[-2] > 1)
             k_out = self._read(self.k_stream, key_states, n_before, fresh_raw)
             v_out = self._read(self.v_stream, value_states, n_before, fresh_raw)
-        offer_fused_reader(k_out, kwargs, self)
+        publish(kwargs, PackedKVHandoff(view, standins=view is not None, on_accept=self.claim_fused_reader))
         return k_out, v_out
 
     def claim_fused_reader(self) -> None:
-        """Called by ``nvfp4kv_decode`` on this layer's output: it can read packed views."""
+        """The attention function reading this call's output accepted packed views
+        (:meth:`PackedKVHandoff.accept`): the next decode step may hand over stand-ins."""
         self._fused_reader = True
 
     def packed_view(self) -> PackedKVView | None:
         """What this layer stores, as the fused decode kernel reads it.
 
-        None when nothing is packed yet or a format is not one the kernel reads (token
-        groups, BF16 skip layers). Raw tokens are the sink and the pending window, with their
-        logical positions, built on the packed data's device.
+        None when nothing is packed yet or a format is not one the kernel reads (no declared
+        fused decode, token groups, BF16 skip layers). Raw tokens are the sink and the pending
+        window, with their logical positions, built on the packed data's device.
         """
-        from nvfp4kv.kernels.attention_interface import PackedKVView, fused_reads_format
-
         ks, vs = self.k_stream, self.v_stream
         if ks.parts is None or vs.parts is None:
             return None

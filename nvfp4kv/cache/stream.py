@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from nvfp4kv.cache.backend import KVCodec
 from nvfp4kv.cache.parts import cat_parts, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
 from nvfp4kv.formats.numerics import saturating_cast
+from nvfp4kv.kernels.backend import KernelBackend
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class PackedStream:
     def __init__(
         self,
         fmt: KVFormat,
-        codec: KVCodec,
+        codec: KernelBackend,
         *,
         label: str,
         sink_tokens: int = 0,

@@ -26,19 +26,25 @@ Finite in, finite out: for finite input, :meth:`KVFormat.dequantize` never retur
 output dtype; values beyond the dtype's range saturate at its largest finite value (see
 :func:`~nvfp4kv.formats.numerics.saturate_`). Codes and scales of in-range inputs are not
 affected by this.
+
+A format owns everything that depends on *which* format it is, so nothing outside its module
+branches on its name: its kernels (:class:`FormatKernels`, lazy import paths, so this package
+imports without Triton), its default options for K and V (:attr:`KVFormat.default_options`) and
+the static-scale conventions it understands (:meth:`KVFormat.static_decode_scale`).
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 
-from nvfp4kv.errors import BlockSizeError, NonFiniteKVError, UnknownFormatError
+from nvfp4kv.errors import BlockSizeError, ConfigError, NonFiniteKVError, UnknownFormatError
 
 NonFinitePolicy = Literal["raise", "map", "keep"]
 #: every accepted ``nonfinite`` value (``"error"`` is also accepted, as a deprecated alias)
@@ -70,13 +76,68 @@ def normalize_nonfinite(value: object, *, stacklevel: int = 3) -> str:
     return value  # type: ignore[return-value]
 
 
+KernelSlot = Literal["triton", "flashinfer", "fused_decode"]
+
+
+@dataclass(frozen=True)
+class FormatKernels:
+    """Where a format's kernels live, as lazy ``"package.module:attribute"`` import paths.
+
+    Declared on the format class (``kernels = FormatKernels(...)``), next to the reference it
+    must match, so adding a format never means editing a table in ``nvfp4kv.kernels`` or
+    ``nvfp4kv.cache``. Paths rather than objects: a format module imports on a machine
+    without Triton or FlashInfer, and a backend imports a kernel module only when it runs it.
+    ``None`` means "no such kernel": the Triton backend then uses the reference (same bits),
+    FlashInfer refuses the format, and the fused decode attention falls back to SDPA.
+
+    - ``triton``: an object with ``quantize(fmt, x, global_scale) -> Parts`` and
+      ``dequantize(fmt, parts, global_scale, dtype) -> Tensor``, bit-exact with the format's
+      own methods (saturation included).
+    - ``flashinfer``: a class taking the imported ``flashinfer`` module, whose instances have
+      the same two methods (not necessarily bit-exact).
+    - ``fused_decode``: a function ``(fmt, parts, global_scale) -> PackedOperand | None`` giving
+      the fused decode kernel's view of one side (K or V); None when these parts cannot be
+      read (e.g. no global scale).
+    """
+
+    triton: str | None = None
+    flashinfer: str | None = None
+    fused_decode: str | None = None
+
+    def has(self, slot: KernelSlot) -> bool:
+        """Whether the format declares a kernel for ``slot`` (imports nothing)."""
+        return getattr(self, slot) is not None
+
+    def load(self, slot: KernelSlot) -> Any | None:
+        """The object behind ``slot``, imported now (None when the format declares none).
+
+        ImportError propagates: a declared kernel whose module cannot be imported (no Triton)
+        is the caller's "backend unavailable" case, not a silent fallback.
+        """
+        path = getattr(self, slot)
+        if path is None:
+            return None
+        module, _, attribute = path.partition(":")
+        if not attribute:
+            raise ValueError(f"kernel path {path!r} must be 'package.module:attribute'")
+        return getattr(importlib.import_module(module), attribute)
+
+
 @dataclass(frozen=True)
 class KVFormat(ABC):
     """A KV storage format, adapted to the cache's ``[B, H, T, D]`` layout.
 
     Subclasses are frozen dataclasses whose fields are the format's options (for example
     FP8's scale granularity), so a format instance is hashable and printable as config.
+    Class attributes (not options) say what the rest of the package needs to know about it:
+    :attr:`kernels` and :attr:`default_options`.
     """
+
+    #: this format's kernels (lazy import paths); none by default
+    kernels: ClassVar[FormatKernels] = FormatKernels()
+    #: options a cache config applies for K (``"k"``) and V (``"v"``) before the user's own,
+    #: e.g. KIVI's keys per channel and values per token
+    default_options: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     #: registry name, e.g. ``"nvfp4"``
     name: str = "base"
@@ -137,6 +198,24 @@ class KVFormat(ABC):
         finite out); a format may return Inf/NaN only for NaN/Inf stored under ``"keep"``.
         """
 
+    # ---- static (calibrated) global scales -------------------------------------------------
+    def supports_scale_convention(self, convention: str) -> bool:
+        """Whether :meth:`static_decode_scale` understands scales given in ``convention``.
+
+        Every format takes its own decode scale (``"decode"``); a format whose scale other
+        libraries spell differently (NVFP4, see :mod:`nvfp4kv.formats.conventions`) adds theirs.
+        """
+        return convention == "decode"
+
+    def static_decode_scale(self, value: float, convention: str) -> float:
+        """A calibrated global scale given in ``convention``, as this format's decode scale."""
+        if convention != "decode":
+            raise ConfigError(
+                f"KV format {self.name!r} takes static scales in the 'decode' convention (its own "
+                f"decode scale), not {convention!r}."
+            )
+        return value
+
     # ---- shared checks ---------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
         """Raise the errors the contract promises, each naming its fix."""
@@ -170,6 +249,17 @@ def register_format(name: str) -> Callable[[Callable[..., KVFormat]], Callable[.
     return wrap
 
 
+def format_class(name: str) -> Callable[..., KVFormat]:
+    """The registered factory (the format class) for ``name``, for its class attributes."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownFormatError(
+            f"Unknown KV format {name!r}. Known formats: {', '.join(available_formats())}. "
+            f"Pick one of these (Hydra: kv=<name> or kv.k_format=<name>)."
+        ) from None
+
+
 def available_formats() -> list[str]:
     """Names accepted by :func:`get_format`, sorted."""
     return sorted(_REGISTRY)
@@ -179,11 +269,4 @@ def get_format(name: str | KVFormat, **options: object) -> KVFormat:
     """Build a registered format by name with its options (a KVFormat passes through)."""
     if isinstance(name, KVFormat):
         return name
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise UnknownFormatError(
-            f"Unknown KV format {name!r}. Known formats: {', '.join(available_formats())}. "
-            f"Pick one of these (Hydra: kv=<name> or kv.k_format=<name>)."
-        ) from None
-    return factory(**options)
+    return format_class(name)(**options)

@@ -32,7 +32,11 @@ Finite in, finite out: rounding up can exceed the input's range (an FP16 57984 h
 and rounds to code 4, i.e. 65536, beyond FP16's 65504), so
 :meth:`FP4MXBlock16Format.dequantize` saturates outputs at the output dtype's largest finite
 value, as a ``satfinite`` conversion does. The pure :func:`dequantize_fp4_mx_block16` is the
-plain arithmetic the kernels reproduce (it overflows to Inf there).
+plain arithmetic the kernels reproduce (it overflows to Inf there; the kernels saturate too
+when they serve the format's own ``dequantize``).
+
+Kernels (declared on the class): Triton quantize/dequantize and the fused decode operand in
+:mod:`nvfp4kv.kernels.triton_mx`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvfp4kv.formats.base import KVFormat, Parts, register_format
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
 from nvfp4kv.formats.e2m1 import (
     E2M1_BOUNDS,
     E2M1_MAX,
@@ -111,6 +115,11 @@ def dequantize_fp4_mx_block16(
 @dataclass(frozen=True)
 class FP4MXBlock16Format(KVFormat):
     """SGLang block-16 FP4 K/V: uint8 ``codes`` ``[B,H,T,D/2]`` and ``scales`` ``[B,H,T,D/16]``."""
+
+    kernels = FormatKernels(
+        triton="nvfp4kv.kernels.triton_mx:TRITON_MX16",
+        fused_decode="nvfp4kv.kernels.triton_mx:decode_operand_mx16",
+    )
 
     name: str = field(default="fp4_mx_block16", init=False)
 

@@ -22,6 +22,9 @@ pattern in uint8 (``x.view(torch.uint8)`` of a ``float8_e4m3fn`` tensor).
 Finite in, finite out: :meth:`FP8E4M3Format.dequantize` saturates outputs beyond the output
 dtype's range at its largest finite value; the pure :func:`dequantize_fp8_e4m3` is the plain
 arithmetic the kernels reproduce.
+
+Kernels (declared on the class): Triton quantize/dequantize and the fused decode operand in
+:mod:`nvfp4kv.kernels.triton_fp8`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from nvfp4kv.formats.base import KVFormat, Parts, register_format
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
 from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits
 from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
@@ -65,6 +68,11 @@ def dequantize_fp8_e4m3(
 @dataclass(frozen=True)
 class FP8E4M3Format(KVFormat):
     """FP8 E4M3 K/V: uint8 ``codes`` ``[B,H,T,D]`` (+ FP32 ``scale`` ``[B,H,T,1]`` per token)."""
+
+    kernels = FormatKernels(
+        triton="nvfp4kv.kernels.triton_fp8:TRITON",
+        fused_decode="nvfp4kv.kernels.triton_fp8:decode_operand",
+    )
 
     name: str = field(default="fp8_e4m3", init=False)
     #: ``"tensor"``, ``"head"`` or ``"token"`` (see module docstring)

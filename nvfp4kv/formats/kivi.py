@@ -131,7 +131,13 @@ def dequantize_kivi(
 
 @dataclass(frozen=True)
 class KIVIFormat(KVFormat):
-    """Asymmetric integer K/V; subclasses fix the bit width. Parts: codes, scale, zero."""
+    """Asymmetric integer K/V; subclasses fix the bit width. Parts: codes, scale, zero.
+
+    A cache config gives keys ``axis="channel"`` and values ``axis="token"`` (KIVI's layout:
+    key outliers live in fixed channels) unless the user's options say otherwise.
+    """
+
+    default_options = {"k": {"axis": "channel"}, "v": {"axis": "token"}}
 
     #: ``"token"`` (groups along head_dim) or ``"channel"`` (groups along tokens)
     axis: KiviAxis = "token"

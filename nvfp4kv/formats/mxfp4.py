@@ -19,6 +19,9 @@ NaN -> 0, +-Inf -> +-(largest finite ``|x|`` in the tensor); with ``"keep"`` NaN
 Finite in, finite out: :meth:`MXFP4Format.dequantize` saturates outputs beyond the output
 dtype's range at its largest finite value; the pure :func:`dequantize_mxfp4` is the plain
 arithmetic the kernels reproduce.
+
+Kernels (declared on the class): Triton quantize/dequantize and the fused decode operand in
+:mod:`nvfp4kv.kernels.triton_mx`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvfp4kv.formats.base import KVFormat, Parts, register_format
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
 from nvfp4kv.formats.e2m1 import decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
 from nvfp4kv.formats.numerics import exp2_exact, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
@@ -78,6 +81,11 @@ def dequantize_mxfp4(
 @dataclass(frozen=True)
 class MXFP4Format(KVFormat):
     """OCP MXFP4 K/V: parts ``codes`` ``[B,H,T,D/2]`` and ``scales`` ``[B,H,T,D/32]`` (uint8)."""
+
+    kernels = FormatKernels(
+        triton="nvfp4kv.kernels.triton_mx:TRITON_MXFP4",
+        fused_decode="nvfp4kv.kernels.triton_mx:decode_operand_mxfp4",
+    )
 
     name: str = field(default="mxfp4", init=False)
 

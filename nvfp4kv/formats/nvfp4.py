@@ -26,6 +26,11 @@ saturates its block (code 6 at scale 448), a NaN element makes its block's scale
 Finite in, finite out: :meth:`NVFP4Format.dequantize` saturates outputs beyond the output
 dtype's range at its largest finite value (:func:`~nvfp4kv.formats.numerics.saturate_`); the
 pure :func:`dequantize_nvfp4` is the plain arithmetic the kernels reproduce bit for bit.
+
+Kernels (declared on the class, see :class:`~nvfp4kv.formats.base.FormatKernels`): Triton
+quantize/dequantize and the fused decode operand in :mod:`nvfp4kv.kernels.triton_nvfp4`,
+FlashInfer's NVFP4 KV functions in :mod:`nvfp4kv.kernels.flashinfer_nvfp4`. Static scales may be
+given in any convention of :mod:`nvfp4kv.formats.conventions`.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from typing import Literal
 
 import torch
 
-from nvfp4kv.formats.base import KVFormat, Parts, register_format
-from nvfp4kv.formats.conventions import NVFP4_RANGE
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
+from nvfp4kv.formats.conventions import NVFP4_RANGE, available_conventions, to_decode_scale
 from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
 from nvfp4kv.formats.e4m3 import (
     E4M3_MAX,
@@ -125,6 +130,12 @@ def dequantize_nvfp4(
 class NVFP4Format(KVFormat):
     """NVFP4 K/V storage: uint8 parts ``codes`` ``[B,H,T,D/2]`` and ``scales`` ``[B,H,T,D/16]``."""
 
+    kernels = FormatKernels(
+        triton="nvfp4kv.kernels.triton_nvfp4:TRITON",
+        flashinfer="nvfp4kv.kernels.flashinfer_nvfp4:NVFP4FlashInfer",
+        fused_decode="nvfp4kv.kernels.triton_nvfp4:decode_operand",
+    )
+
     name: str = field(default="nvfp4", init=False)
     #: ``"zero"`` (serving kernels) or ``"modelopt"`` (clamp scales up to 2^-9), see module
     tiny_scale: TinyScale = "zero"
@@ -149,6 +160,13 @@ class NVFP4Format(KVFormat):
 
     def global_scale(self, x: torch.Tensor) -> torch.Tensor:
         return nvfp4_global_scale(x).reshape(1, 1, 1, 1)
+
+    def supports_scale_convention(self, convention: str) -> bool:
+        return convention in available_conventions()
+
+    def static_decode_scale(self, value: float, convention: str) -> float:
+        """Checkpoint/library scales (ModelOpt, FlashInfer, TRT-LLM, amax) -> ``amax/(6*448)``."""
+        return value if convention == "decode" else to_decode_scale(value, convention)
 
     def quantize(self, x: torch.Tensor, global_scale: torch.Tensor | None = None) -> Parts:
         self.check_input(x)

@@ -2,10 +2,17 @@
 fused packed-KV decode attention and its transformers attention function.
 
 Importing this package does not import Triton or transformers; the submodules do, when used.
+Which kernels a format has is declared by the format itself (``FormatKernels`` on its class);
+no module here keeps a table of format names.
 
-- :func:`get_backend` (``torch`` | ``triton`` | ``flashinfer`` | ``auto``), :mod:`.backend`
-- :func:`nvfp4kv.kernels.decode_attention.decode_attention` (import it from the submodule)
-- :func:`register_attention` (``attn_implementation="nvfp4kv_decode"``), :mod:`.attention_interface`
+- the backend abstraction: :func:`get_backend` (``torch`` | ``triton`` | ``flashinfer`` |
+  ``auto``), :mod:`.backend`; implementations in :mod:`.triton_backend`,
+  :mod:`.flashinfer_backend`; per-format kernels in ``triton_<format>.py`` /
+  ``flashinfer_<format>.py``
+- fused decode: :func:`nvfp4kv.kernels.decode_attention.decode_attention` (host side;
+  device code in :mod:`.decode_kernel`, operands in :mod:`.packed_operand`)
+- :func:`register_attention` (``attn_implementation="nvfp4kv_decode"``),
+  :mod:`.attention_interface`; the cache-to-attention channel, :mod:`.packed_view`
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FlashInfer's NVFP4 KV kernels as a backend (opt-in, Blackwell only, *not* bit-exact).
+"""nvfp4's FlashInfer kernels (served by the opt-in ``flashinfer`` backend; *not* bit-exact).
 
 FlashInfer (``flashinfer/fp4_quantization.py`` and the CUDA kernels behind it, read for this
 module in flashinfer-ai/flashinfer) exposes
@@ -18,12 +18,17 @@ Why not bit-exact with :mod:`nvfp4kv.formats.nvfp4`: FlashInfer multiplies by
 ``rcp.approx.ftz`` reciprocals instead of dividing (codes can differ next to rounding
 thresholds, block scales next to E4M3 ties), and dequantizes ``(q * s) * gs`` where the
 reference (ModelOpt) does ``q * (s * gs)`` (last-bit differences). It never becomes a silent
-default: ``auto`` does not pick it, and it says ``bit_exact = False``.
+default: ``auto`` does not pick it, and the backend says ``bit_exact = False``. Dequantized
+outputs saturate at the output dtype's largest finite value, as the reference does (FlashInfer
+itself would return Inf past FP16's 65504).
+
+:class:`NVFP4FlashInfer` is what :class:`~nvfp4kv.formats.nvfp4.NVFP4Format` declares as its
+FlashInfer kernel; availability checks and the backend are in
+:mod:`nvfp4kv.kernels.flashinfer_backend`.
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
@@ -31,35 +36,10 @@ import torch
 from nvfp4kv.errors import BackendUnavailableError
 from nvfp4kv.formats.base import KVFormat, Parts
 from nvfp4kv.formats.conventions import from_decode_scale
+from nvfp4kv.formats.numerics import saturate_
 
 #: nvfp4kv's name for the scale convention FlashInfer's KV functions use (see module docstring)
 FLASHINFER_KV_CONVENTION = "decode"
-MIN_SM = 100
-
-
-def _load_flashinfer() -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module("flashinfer"), None
-    except ImportError as err:
-        return None, f"the `flashinfer` package is not importable ({err})"
-
-
-def unavailable_reason() -> str | None:
-    """Why the FlashInfer backend cannot run here, or None when it can."""
-    mod, err = _load_flashinfer()
-    reasons = [] if err is None else [err]
-    if mod is not None and not all(hasattr(mod, f) for f in ("nvfp4_kv_quantize", "nvfp4_kv_dequantize")):
-        reasons.append("this flashinfer version lacks nvfp4_kv_quantize / nvfp4_kv_dequantize")
-    if not torch.cuda.is_available():
-        reasons.append("no CUDA GPU is visible")
-    else:
-        major, minor = torch.cuda.get_device_capability()
-        if major * 10 + minor < MIN_SM:
-            reasons.append(
-                f"the GPU is sm_{major}{minor}; nvfp4_kv_quantize needs sm_100+ (Blackwell) for its "
-                f"native FP4 convert"
-            )
-    return "; ".join(reasons) if reasons else None
 
 
 def to_flashinfer_kv_scale(global_scale: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -74,26 +54,15 @@ def to_flashinfer_kv_scale(global_scale: torch.Tensor, device: torch.device) -> 
     return from_decode_scale(gs.reshape(1), FLASHINFER_KV_CONVENTION).contiguous()
 
 
-class FlashInferBackend:
-    """NVFP4 quantize/dequantize through FlashInfer (see module docstring for the numerics)."""
+class NVFP4FlashInfer:
+    """NVFP4 quantize/dequantize through FlashInfer's KV functions (``module`` is ``flashinfer``)."""
 
-    name = "flashinfer"
-    bit_exact = False
-
-    def __init__(self, module: ModuleType | None = None) -> None:
-        if module is None:
-            reason = unavailable_reason()
-            if reason is not None:
-                raise BackendUnavailableError(
-                    f"KV backend 'flashinfer' cannot run: {reason}. Fix: on a Blackwell GPU "
-                    f"`pip install flashinfer-python`; otherwise use backend='triton' (bit-exact "
-                    f"Triton kernels, any CUDA GPU) or 'auto'."
-                )
-            module, _ = _load_flashinfer()
+    def __init__(self, module: ModuleType) -> None:
         self._fi = module
 
-    def _check_format(self, fmt: KVFormat) -> None:
-        if fmt.name != "nvfp4" or getattr(fmt, "tiny_scale", "zero") != "zero":
+    @staticmethod
+    def _check_format(fmt: KVFormat) -> None:
+        if getattr(fmt, "tiny_scale", "zero") != "zero":
             raise BackendUnavailableError(
                 f"KV backend 'flashinfer' only implements nvfp4 with tiny_scale='zero' (FlashInfer's "
                 f"serving semantics), not {fmt!r}. Fix: use backend='triton' or 'auto' for this format."
@@ -134,7 +103,7 @@ class FlashInferBackend:
             to_flashinfer_kv_scale(global_scale, codes.device),
             output_dtype=dtype,
         )
-        return out.reshape(*lead, codes.shape[-1] * 2)
+        return saturate_(out.reshape(*lead, codes.shape[-1] * 2))  # finite in, finite out
 
     def __repr__(self) -> str:
-        return "FlashInferBackend()"
+        return "NVFP4FlashInfer()"

@@ -52,6 +52,11 @@ def row_scalar_view(
     return view, view.stride(0), view.stride(1), view.stride(2)
 
 
+def as_scale(global_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A global scale as an FP32 tensor on ``like``'s device (no copy when it already is one)."""
+    return torch.as_tensor(global_scale, dtype=torch.float32, device=like.device)
+
+
 def out_kind(dtype: torch.dtype) -> int:
     """Kernel store mode for ``dtype`` (BF16 is written as RNE bits through an int16 view)."""
     try:

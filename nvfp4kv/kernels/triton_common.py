@@ -165,6 +165,26 @@ def bf16_rne_bits(v):
 
 
 @triton.jit
+def satfinite(v, OUT_KIND: tl.constexpr):
+    """FP32 ``v`` clamped to +-(the output dtype's largest finite value); NaN stays NaN.
+
+    Mirrors :func:`nvfp4kv.formats.numerics.saturate_` applied after the cast (the formats'
+    ``dequantize``): clamping *before* the RNE cast gives the same bits, because every FP32
+    value above the dtype's max either rounds down to it or overflows to Inf, which the
+    reference then clamps to it. Written with compares and selects, not ``minimum``/``maximum``
+    (which drop NaN on GPU), so a NaN scale still decodes to NaN as in the reference.
+    """
+    if OUT_KIND == 0:
+        return tl.where(v > 3.3895313892515355e38, 3.3895313892515355e38,
+                        tl.where(v < -3.3895313892515355e38, -3.3895313892515355e38, v))
+    elif OUT_KIND == 1:
+        return tl.where(v > 65504.0, 65504.0, tl.where(v < -65504.0, -65504.0, v))
+    else:
+        return tl.where(v > 3.4028234663852886e38, 3.4028234663852886e38,
+                        tl.where(v < -3.4028234663852886e38, -3.4028234663852886e38, v))
+
+
+@triton.jit
 def to_bf16(v):
     """FP32 -> BF16 tensor, rounded to nearest even also under the interpreter."""
     return bf16_rne_bits(v).to(tl.bfloat16, bitcast=True)

@@ -4,7 +4,12 @@
 :mod:`nvfp4kv.kernels.triton_common`), ``x_hat = float(code) * scale``. The scale is a
 per-row scalar view (per tensor, per head or per token; stride 0 where shared); with
 ``per_token=True`` the kernel computes each row's ``amax / 448`` itself, as the reference's
-``scaling="token"`` does, and returns it.
+``scaling="token"`` does, and returns it. Dequantize with ``satfinite=True`` saturates like the
+format's ``dequantize`` (finite in, finite out).
+
+:data:`TRITON` and :func:`decode_operand` are what
+:class:`~nvfp4kv.formats.fp8_e4m3.FP8E4M3Format` declares as its Triton kernels and fused
+decode operand.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kv.kernels.launch_utils import as_4d, out_kind, rows_per_program, store_view
-from nvfp4kv.kernels.triton_common import bf16_rne_bits, e4m3_decode, e4m3_encode_signed
-from nvfp4kv.kernels.triton_nvfp4 import _row_coords, row_scale
+from nvfp4kv.formats.base import KVFormat, Parts
+from nvfp4kv.kernels.launch_utils import as_4d, as_scale, out_kind, rows_per_program, store_view
+from nvfp4kv.kernels.packed_operand import ENC_E4M3_ROWSCALE, PackedOperand
+from nvfp4kv.kernels.triton_common import bf16_rne_bits, e4m3_decode, e4m3_encode_signed, satfinite
+from nvfp4kv.kernels.triton_fp4 import _row_coords, row_scale
 
 
 @triton.jit
@@ -47,6 +54,7 @@ def _fp8_quant_kernel(
 def _fp8_dequant_kernel(
     C, sc_b, sc_h, sc_t, sc_d, SC, ss_b, ss_h, ss_t, OUT, H, T, R,
     D: tl.constexpr, D_P2: tl.constexpr, BLOCK_R: tl.constexpr, OUT_KIND: tl.constexpr,
+    SATFINITE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -57,6 +65,8 @@ def _fp8_dequant_kernel(
     c = tl.load(C + (b * sc_b + h * sc_h + t * sc_t)[:, None] + d[None, :] * sc_d, mask=m2, other=0)
     scale = tl.load(SC + b * ss_b + h * ss_h + t * ss_t, mask=rmask, other=0.0)
     vals = e4m3_decode(c.to(tl.int32)) * scale[:, None]
+    if SATFINITE:
+        vals = satfinite(vals, OUT_KIND)
     ptr = OUT + rows.to(tl.int64)[:, None] * D + d[None, :]
     if OUT_KIND == 0:
         tl.store(ptr, bf16_rne_bits(vals), mask=m2)
@@ -94,8 +104,11 @@ def quantize_fp8_e4m3(
     return codes, token_scale
 
 
-def dequantize_fp8_e4m3(codes: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`nvfp4kv.formats.fp8_e4m3.dequantize_fp8_e4m3`."""
+def dequantize_fp8_e4m3(
+    codes: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype, *, satfinite: bool = False
+) -> torch.Tensor:
+    """Triton twin of :func:`nvfp4kv.formats.fp8_e4m3.dequantize_fp8_e4m3` (``satfinite=True``:
+    of the format's ``dequantize``)."""
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
     c4 = as_4d(codes)
@@ -109,6 +122,45 @@ def dequantize_fp8_e4m3(codes: torch.Tensor, scale: torch.Tensor | float, dtype:
     block_r = rows_per_program(d_p2)
     _fp8_dequant_kernel[(triton.cdiv(rows, block_r),)](
         c4, *c4.stride(), sc, ss_b, ss_h, ss_t, store_view(out), nh, nt, rows,
-        D=d, D_P2=d_p2, BLOCK_R=block_r, OUT_KIND=out_kind(dtype), enable_fp_fusion=False,
+        D=d, D_P2=d_p2, BLOCK_R=block_r, OUT_KIND=out_kind(dtype), SATFINITE=satfinite,
+        enable_fp_fusion=False,
     )
     return out
+
+
+# ---------------------------------------------------------------------------- what the format declares
+def _row_scale_of(fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The FP32 scale per token row: the stored part for ``scaling="token"``, else the global one."""
+    return parts["scale"] if fmt.scaling == "token" else global_scale  # type: ignore[attr-defined]
+
+
+class FP8Triton:
+    """fp8_e4m3's Triton kernels under the backend interface, bit-exact with the format's methods."""
+
+    def quantize(self, fmt: KVFormat, x: torch.Tensor, global_scale: torch.Tensor | None) -> Parts:
+        if fmt.scaling == "token":  # type: ignore[attr-defined]
+            codes, token_scale = quantize_fp8_e4m3(x, None, per_token=True)
+            return {"codes": codes, "scale": token_scale}  # type: ignore[dict-item]
+        scale = fmt.global_scale(x) if global_scale is None else as_scale(global_scale, x)
+        codes, _ = quantize_fp8_e4m3(x, scale)
+        return {"codes": codes}
+
+    def dequantize(
+        self, fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        scale = _row_scale_of(fmt, parts, global_scale)
+        if scale is None:
+            return fmt.dequantize(parts, global_scale, dtype)  # raises the reference's error
+        codes = parts["codes"]
+        return dequantize_fp8_e4m3(codes, as_scale(scale, codes), dtype, satfinite=True)
+
+
+TRITON = FP8Triton()
+
+
+def decode_operand(fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None) -> PackedOperand | None:
+    """fp8_e4m3 parts as the fused decode kernel reads them (None without a scale)."""
+    scale = _row_scale_of(fmt, parts, global_scale)
+    if scale is None:
+        return None
+    return PackedOperand(ENC_E4M3_ROWSCALE, parts["codes"], None, scale)

@@ -8,18 +8,27 @@ depend on the device's math library; Triton's ``log2`` is an approximation on GP
   unless the ratio is an exact power of two; ``amax / 6`` is an IEEE division.
 - ``mxfp4``: ``clamp(floor(log2(amax)) - 2, -127, 127)`` = the exponent field minus 129.
 
-Dequantize is the shared FP4 kernel of :mod:`nvfp4kv.kernels.triton_nvfp4`.
+Dequantize is the shared FP4 kernel of :mod:`nvfp4kv.kernels.triton_fp4`.
+
+:data:`TRITON_MX16` / :data:`TRITON_MXFP4` and :func:`decode_operand_mx16` /
+:func:`decode_operand_mxfp4` are what the two format classes declare as their Triton kernels
+and fused decode operands.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from nvfp4kv.formats.base import KVFormat, Parts
 from nvfp4kv.kernels.launch_utils import as_4d, rows_per_program
+from nvfp4kv.kernels.packed_operand import ENC_E2M1_POW2, PackedOperand
 from nvfp4kv.kernels.triton_common import ceil_log2, e2m1_away_code, e2m1_rne_code, floor_log2, pow2_from_biased
-from nvfp4kv.kernels.triton_nvfp4 import (
+from nvfp4kv.kernels.triton_fp4 import (
     SCALE_E8M0_NAN,
     SCALE_UE8M0_INF,
     _load_pairs,
@@ -93,9 +102,12 @@ def quantize_fp4_mx_block16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return _quantize_mx(x, 16, True, "fp4_mx_block16")
 
 
-def dequantize_fp4_mx_block16(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`nvfp4kv.formats.fp4_mx_block16.dequantize_fp4_mx_block16`."""
-    return dequantize_fp4(codes, scales, None, dtype, block=16, scale_kind=SCALE_UE8M0_INF)
+def dequantize_fp4_mx_block16(
+    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, *, satfinite: bool = False
+) -> torch.Tensor:
+    """Triton twin of :func:`nvfp4kv.formats.fp4_mx_block16.dequantize_fp4_mx_block16`
+    (``satfinite=True``: of the format's ``dequantize``)."""
+    return dequantize_fp4(codes, scales, None, dtype, block=16, scale_kind=SCALE_UE8M0_INF, satfinite=satfinite)
 
 
 def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +115,41 @@ def quantize_mxfp4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_mx(x, 32, False, "mxfp4")
 
 
-def dequantize_mxfp4(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of :func:`nvfp4kv.formats.mxfp4.dequantize_mxfp4`."""
-    return dequantize_fp4(codes, scales, None, dtype, block=32, scale_kind=SCALE_E8M0_NAN)
+def dequantize_mxfp4(
+    codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, *, satfinite: bool = False
+) -> torch.Tensor:
+    """Triton twin of :func:`nvfp4kv.formats.mxfp4.dequantize_mxfp4` (``satfinite=True``: of
+    the format's ``dequantize``)."""
+    return dequantize_fp4(codes, scales, None, dtype, block=32, scale_kind=SCALE_E8M0_NAN, satfinite=satfinite)
+
+
+# ---------------------------------------------------------------------------- what the formats declare
+@dataclass(frozen=True)
+class MXTriton:
+    """A power-of-two-scaled FP4 format's Triton kernels under the backend interface."""
+
+    quantize_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    dequantize_fn: Callable[..., torch.Tensor]
+
+    def quantize(self, fmt: KVFormat, x: torch.Tensor, global_scale: torch.Tensor | None) -> Parts:
+        codes, scales = self.quantize_fn(x)
+        return {"codes": codes, "scales": scales}
+
+    def dequantize(
+        self, fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self.dequantize_fn(parts["codes"], parts["scales"], dtype, satfinite=True)
+
+
+TRITON_MX16 = MXTriton(quantize_fp4_mx_block16, dequantize_fp4_mx_block16)
+TRITON_MXFP4 = MXTriton(quantize_mxfp4, dequantize_mxfp4)
+
+
+def decode_operand_mx16(fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None) -> PackedOperand:
+    """fp4_mx_block16 parts as the fused decode kernel reads them (power-of-two scale per 16)."""
+    return PackedOperand(ENC_E2M1_POW2, parts["codes"], parts["scales"], None, block=16)
+
+
+def decode_operand_mxfp4(fmt: KVFormat, parts: Parts, global_scale: torch.Tensor | None) -> PackedOperand:
+    """mxfp4 parts as the fused decode kernel reads them (E8M0 scale per 32)."""
+    return PackedOperand(ENC_E2M1_POW2, parts["codes"], parts["scales"], None, block=32)
