@@ -262,3 +262,20 @@ def test_shards_write_one_run_dir_under_one_identity_with_the_same_records(tmp_p
 def test_a_bad_shard_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="0 <= shard < num_shards"):
         sweep_mod.plan_sweep(make_config(tmp_path / "run", shard=3, num_shards=3))
+
+
+# ---------------------------------------------------------------------------- comparing runs
+def test_compare_runs_finds_identical_records_and_a_changed_sample(tmp_path, capsys):
+    from experiments.compare_runs import main as compare_main
+
+    whole = sweep_mod.run_sweep(make_config(tmp_path / "a"))
+    sweep_mod.run_sweep(make_config(tmp_path / "b", shard=0, num_shards=2))
+    sweep_mod.run_sweep(make_config(tmp_path / "b", shard=1, num_shards=2))
+    assert compare_main([str(whole), str(tmp_path / "b")]) == 0
+    path = results.samples_path(tmp_path / "b", f"{MODEL}__beta__nvfp4")
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["prediction"] = "tampered"
+    path.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    assert compare_main([str(whole), str(tmp_path / "b")]) == 1
+    assert "beta__nvfp4: sample 0 (doc_id 0) differs in ['prediction']" in capsys.readouterr().err
