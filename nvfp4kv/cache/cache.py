@@ -117,10 +117,11 @@ class QuantizedKVCache(Cache):
         n_layers = len(layer_types)
         if any(i >= n_layers for i in cfg.skip_layers):
             raise ConfigError(f"skip_layers {list(cfg.skip_layers)} name layers past the model's {n_layers} layers "
-                              f"(indices 0..{n_layers - 1}).")
+                              f"(indices 0..{n_layers - 1}). Drop those indices from skip_layers.")
         if cfg.static_scales is not None and any(i >= n_layers for i in cfg.static_scales):
             raise ConfigError(f"static_scales has layers {sorted(cfg.static_scales)} but the model has {n_layers} "
-                              f"layers (indices 0..{n_layers - 1}).")
+                              f"layers (indices 0..{n_layers - 1}): the scales belong to another model. Calibrate "
+                              f"scales for this model.")
         quantized = [i for i, t in enumerate(layer_types) if t in QUANTIZED_LAYER_TYPES and i not in cfg.skip_layers]
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         for which, fmt in (("K", self._k_format), ("V", self._v_format)):

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from nvfp4kv.errors import ConfigError, UnknownFormatError
 from nvfp4kv.formats.base import (
     NONFINITE_POLICIES,
+    available_formats,
     KVFormat,
     NonFinitePolicy,
     format_class,
@@ -151,9 +152,9 @@ class KVCacheConfig:
         for name in ("residual_length", "sink_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an integer >= 0 (number of tokens kept full precision); got {value!r}.")
+                raise ConfigError(f"{name} must be an integer >= 0 (number of tokens kept full precision); got {value!r}. Set {name}=0 to keep none.")
         if not isinstance(self.dequant_cache, bool):
-            raise ConfigError(f"dequant_cache must be true or false; got {self.dequant_cache!r}.")
+            raise ConfigError(f"dequant_cache must be true or false; got {self.dequant_cache!r}. Set dequant_cache=true (CPU) or false (long GPU contexts).")
         object.__setattr__(self, "skip_layers", self._normalized_skip_layers())
         object.__setattr__(self, "static_scales", self._normalized_static_scales())
         self._check_convention()
@@ -173,11 +174,11 @@ class KVCacheConfig:
         fmt_field, opt_field = f"{which}_format", f"{which}_options"
         name, options = getattr(self, fmt_field), getattr(self, opt_field)
         if not isinstance(name, str):
-            raise ConfigError(f"{fmt_field} must be a format name (a string); got {name!r}.")
+            raise ConfigError(f"{fmt_field} must be a format name (a string); got {name!r}. Set {fmt_field}=<name>, one of {', '.join(available_formats())}.")
         if options is None:
             options = {}
         if not isinstance(options, Mapping):
-            raise ConfigError(f"{opt_field} must be a mapping of format options; got {options!r}.")
+            raise ConfigError(f"{opt_field} must be a mapping of format options; got {options!r}. Give a mapping, e.g. {opt_field}={{}}.")
         merged = {**default_options(name, which), **dict(options)}
         object.__setattr__(self, opt_field, merged)
         self.build_format(which)  # raises UnknownFormatError / ConfigError now, not mid-generation
@@ -191,7 +192,7 @@ class KVCacheConfig:
         try:
             out = tuple(sorted({int(i) for i in layers}))
         except (TypeError, ValueError):
-            raise ConfigError(f"skip_layers must be a list of layer indices; got {self.skip_layers!r}.") from None
+            raise ConfigError(f"skip_layers must be a list of layer indices; got {self.skip_layers!r}. Use e.g. skip_layers=[0,1].") from None
         if any(i < 0 for i in out):
             raise ConfigError(f"skip_layers holds a negative index: {list(out)}. Use 0-based layer indices.")
         return out
@@ -208,7 +209,8 @@ class KVCacheConfig:
         if not scales or not isinstance(scales, Mapping):
             raise ConfigError(
                 "scale_policy='static' needs static_scales: a mapping {layer_index: (k_scale, v_scale)} "
-                f"in the '{self.scale_convention}' convention; got {scales!r}."
+                f"in the '{self.scale_convention}' convention; got {scales!r}. Give static_scales, or use "
+                f"scale_policy=prefill."
             )
         out: dict[int, tuple[float, float]] = {}
         for key, pair in scales.items():
@@ -218,11 +220,12 @@ class KVCacheConfig:
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"static_scales[{key!r}] must be a (k_scale, v_scale) pair of numbers keyed by layer index; "
-                    f"got {pair!r}."
+                    f"got {pair!r}. Fix that entry, e.g. static_scales={{0: [0.01, 0.02]}}."
                 ) from None
             for s in (k_scale, v_scale):
                 if not math.isfinite(s) or s <= 0:
-                    raise ConfigError(f"static_scales[{layer}] = {pair!r}: scales must be finite and > 0.")
+                    raise ConfigError(f"static_scales[{layer}] = {pair!r}: scales must be finite and > 0. Recalibrate that layer, or "
+                                      f"give a positive scale (amax/(6*448) for NVFP4, amax/448 for FP8).")
             out[layer] = (k_scale, v_scale)
         return dict(sorted(out.items()))
 
@@ -293,11 +296,13 @@ class KVCacheConfig:
         except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
             pass
         if not isinstance(data, Mapping):
-            raise ConfigError(f"KVCacheConfig.from_dict needs a mapping; got {type(data).__name__}.")
+            raise ConfigError(f"KVCacheConfig.from_dict needs a mapping; got {type(data).__name__}. Pass a dict of "
+                              f"KVCacheConfig fields, e.g. {{'k_format': 'nvfp4', 'v_format': 'nvfp4'}}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"Unknown KV cache config keys {unknown}; valid keys are {sorted(known)}.")
+            raise ConfigError(f"Unknown KV cache config keys {unknown}; valid keys are {sorted(known)}. Fix the key's "
+                              f"spelling (see configs/kv/_base.yaml).")
         return cls(**dict(data))
 
     # ------------------------------------------------------------------ naming

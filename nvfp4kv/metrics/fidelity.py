@@ -63,7 +63,8 @@ def make_windows(tokens: Sequence[int], context_lens: Sequence[int], n_score: in
     for w in range(n_windows):
         a = longest + w * (longest + n_score)
         if a + n_score > len(tokens):
-            raise ValueError(f"need {a + n_score} tokens for {n_windows} windows, have {len(tokens)}")
+            raise ValueError(f"need {a + n_score} tokens for {n_windows} windows, have {len(tokens)}; lower n_windows, "
+                             f"n_score or context_lens.")
         for length in sorted(context_lens):
             windows.append(Window(length, w, a, tuple(tokens[a - length : a]), tuple(tokens[a : a + n_score])))
     return windows

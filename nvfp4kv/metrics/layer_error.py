@@ -87,7 +87,8 @@ def layer_errors(
         token_group = math.lcm(k_format.token_group, v_format.token_group)
         t = (rec.k.shape[2] // token_group) * token_group
         if t == 0:
-            raise ValueError(f"captured only {rec.k.shape[2]} tokens; the formats need multiples of {token_group}")
+            raise ValueError(f"captured only {rec.k.shape[2]} tokens; the formats need multiples of {token_group}: "
+                             f"set capture_tokens to a multiple of {token_group}.")
         k, v = rec.k[:, :, :t], rec.v[:, :, :t]
         q = rec.q[:, :, :t]  # prefill capture: query i attends keys 0..i
         if layer in skipped:

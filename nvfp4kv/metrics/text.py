@@ -53,6 +53,7 @@ def essay_tokens(tokenizer, max_tokens: int | None = None) -> list[int]:
         if len(ids) < max_tokens:
             ids = tokenizer(essay_text(), add_special_tokens=False)["input_ids"]
         if len(ids) < max_tokens:
-            raise DatasetNotFoundError(f"the essays hold {len(ids)} tokens, fewer than the {max_tokens} requested")
+            raise DatasetNotFoundError(f"the essays hold {len(ids)} tokens, fewer than the {max_tokens} requested; "
+                                       f"lower the context lengths or the number of windows of the task.")
         ids = ids[:max_tokens]
     return list(ids)
