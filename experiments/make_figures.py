@@ -9,65 +9,39 @@ Writes into ``results/figures/`` (by default):
 
 ``RUN_DIR`` may be a run dir, a parent of runs (merged) or a glob; default: the newest run under
 ``results/runs``. A figure whose data the run lacks (no passkey grid, no fidelity task) is
-skipped with a note; the exit status is 1 only when nothing could be drawn.
+skipped with a note; the exit status is 1 only when nothing could be drawn. The figures are
+:func:`nvfp4kv.analysis.figures` (the same functions as the run dir's ``plots/`` and the notebooks);
+this script only names their files.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-from matplotlib.figure import Figure
 
 from nvfp4kv import analysis as A
 from nvfp4kv.analysis.runs import find_repo_root
-from nvfp4kv.results import save_figure
 
 #: the README's figure folder, wherever the script is started from inside the repo
 DEFAULT_OUT = (find_repo_root() or Path.cwd()) / "results" / "figures"
-
-
-def figure_builders(spec: str | Path, baseline: str, n_boot: int) -> dict[str, Callable[[], Figure | None]]:
-    """File name -> a function drawing it (``None`` when the run has no data for it)."""
-    df = A.load_results(spec)
-
-    def accuracy() -> Figure | None:
-        return A.plot_accuracy(df) if not A.primary_rows(A.accuracy_rows(df)).empty else None
-
-    def accuracy_vs_memory() -> Figure | None:
-        cmp = A.compare(df, baseline=baseline, samples=A.load_samples(spec), n_boot=n_boot)
-        rows = A.primary_rows(A.accuracy_rows(cmp))
-        return A.plot_delta_vs_bits(cmp, baseline=baseline) if rows["delta"].notna().any() else None
-
-    def retrieval_heatmap() -> Figure | None:
-        grid = A.load_grid(spec)
-        return A.plot_retrieval_heatmaps(grid) if not grid.empty else None
-
-    def layer_sqnr() -> Figure | None:
-        per_layer = A.load_per_layer(spec)
-        return A.plot_layer_sqnr(per_layer) if per_layer["sqnr_db"].notna().any() else None
-
-    return {
-        "accuracy.png": accuracy,
-        "accuracy_vs_memory.png": accuracy_vs_memory,
-        "retrieval_heatmap.png": retrieval_heatmap,
-        "layer_sqnr.png": layer_sqnr,
-    }
+#: standard figure (nvfp4kv.analysis.report.FIGURES) -> README file name
+FILES = {"accuracy": "accuracy.png", "delta_vs_bits": "accuracy_vs_memory.png",
+         "retrieval": "retrieval_heatmap.png", "layers": "layer_sqnr.png"}
 
 
 def make_figures(spec: str | Path, out: Path = DEFAULT_OUT, *, baseline: str = "bf16", n_boot: int = 2000,
                  dpi: int = 150) -> dict[str, Path]:
     """Draw every figure the run has data for into ``out``; returns {file name: path written}."""
+    drawn = A.figures(A.load_cells(spec), FILES, baseline=baseline, n_boot=n_boot)
     written: dict[str, Path] = {}
-    for name, build in figure_builders(spec, baseline, n_boot).items():
-        fig = build()
-        if fig is None:
-            print(f"skipped {name}: no data for it in {spec}", file=sys.stderr)
+    for name, file_name in FILES.items():
+        if name not in drawn:
+            print(f"skipped {file_name}: no data for it in {spec}", file=sys.stderr)
             continue
-        written[name] = save_figure(fig, out / name, dpi=dpi)
-        print(f"wrote {written[name]}")
+        written[file_name] = A.save_figure(drawn[name], out / file_name, dpi=dpi)
+        print(f"wrote {written[file_name]}")
     return written
 
 

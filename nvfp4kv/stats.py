@@ -10,25 +10,25 @@ between-sample variance that an unpaired comparison of two accuracies would carr
 - :func:`paired_bootstrap` for the difference of two means (accuracy, KL, NLL): resample the
   *pairs* with replacement, seeded, so the interval is reproducible bit for bit.
 
-:func:`paired_deltas` combines both for two lists of per-sample records matched by ``doc_id``,
-and :func:`paired_table` applies it to a sweep directory laid out as in RESULTS_LAYOUT
-(``cells/*.json`` + ``samples/*.jsonl``), so tables can print "Δ [95% CI]" next to each format.
+:func:`paired_deltas` combines both for two lists of per-sample records matched by ``doc_id``.
+This module is statistics only: reading runs and building tables of Δ and CIs is
+:mod:`nvfp4kv.analysis` (:func:`nvfp4kv.analysis.compare`), which calls :func:`paired_deltas`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, norm
 
 Alternative = Literal["two-sided", "greater", "less"]
 SampleKey = Callable[[Mapping[str, Any]], Hashable]
 
+#: the two-sided 95% normal quantile (1.95996...): error bars of ±Z95 stderr are 95% intervals
+Z95 = float(norm.ppf(0.975))
 #: bootstrap resamples are drawn in chunks of this many rows to bound memory on long sample lists
 _BOOT_CHUNK_ELEMENTS = 4_000_000
 
@@ -172,86 +172,3 @@ def paired_deltas(
     if is_binary(a) and is_binary(b):
         p = mcnemar_exact(*discordant_counts(a, b))
     return dict(delta=delta, ci_low=low, ci_high=high, p_mcnemar=p, n=int(a.size))
-
-
-# ---- sweep directories ---------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """One JSON object per non-empty line."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def _cell_identity(run_dir: Path, cell_id: str) -> dict[str, str]:
-    """model/task/kv of a cell: from its ``cells/<id>.json``, else parsed from the id."""
-    cell_json = run_dir / "cells" / f"{cell_id}.json"
-    if cell_json.is_file():
-        data = json.loads(cell_json.read_text(encoding="utf-8"))
-        return {"model": str(data["model"]), "task": str(data["task"]), "kv": str(data["kv"])}
-    parts = cell_id.split("__")
-    if len(parts) != 3:
-        raise ValueError(
-            f"cannot tell model/task/kv of {cell_id!r}: no cells/{cell_id}.json and the id is not "
-            f"'<model>__<task>__<kv>'. Re-run the sweep into this directory to rewrite its cells."
-        )
-    return dict(zip(("model", "task", "kv"), parts))
-
-
-def format_delta(delta: float, low: float, high: float, digits: int = 3) -> str:
-    """``"-0.021 [-0.050, +0.008]"``: the cell text of a Δ column."""
-    if math.isnan(delta):
-        return "n/a"
-    return f"{delta:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
-
-
-def paired_table(
-    run_dir: str | Path,
-    baseline: str = "bf16",
-    *,
-    n_boot: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> "pd.DataFrame":  # noqa: F821 - pandas imported lazily
-    """Paired Δ vs the ``baseline`` KV label for every (model, task, kv, per-sample metric).
-
-    Reads ``samples/<cell_id>.jsonl`` (and ``cells/<cell_id>.json`` for identities). Columns:
-    ``model, task, metric, kv, baseline, delta, ci_low, ci_high, p_mcnemar, n`` and the formatted
-    ``"Δ [95% CI]"`` (the level follows ``confidence``). Cells without a baseline cell of the same
-    model and task are left out: there is nothing to pair them with.
-    """
-    import pandas as pd
-
-    run_dir = Path(run_dir)
-    sample_dir = run_dir / "samples"
-    label = f"Δ [{confidence * 100:g}% CI]"
-    columns = ["model", "task", "metric", "kv", "baseline", "delta", "ci_low", "ci_high", "p_mcnemar", "n", label]
-    if not sample_dir.is_dir():
-        return pd.DataFrame(columns=columns)
-    cells: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    for path in sorted(sample_dir.glob("*.jsonl")):
-        ident = _cell_identity(run_dir, path.stem)
-        cells.setdefault((ident["model"], ident["task"]), {})[ident["kv"]] = read_jsonl(path)
-    rows = []
-    for (model, task), by_kv in sorted(cells.items()):
-        base = by_kv.get(baseline)
-        if base is None:
-            continue
-        metrics = sorted({m for s in base for m, v in s.get("metrics", {}).items() if _is_number(v)})
-        for kv, samples in sorted(by_kv.items()):
-            if kv == baseline:
-                continue
-            for metric in metrics:
-                res = paired_deltas(base, samples, metric, n_boot=n_boot, seed=seed, confidence=confidence)
-                if res["n"] == 0:
-                    continue
-                rows.append(
-                    dict(model=model, task=task, metric=metric, kv=kv, baseline=baseline, **res,
-                         **{label: format_delta(res["delta"], res["ci_low"], res["ci_high"])})
-                )
-    return pd.DataFrame(rows, columns=columns)
-
-
-def _is_number(value: Any) -> bool:
-    """Per-sample metric values worth pairing: numbers (bools count as 0/1), not strings or lists."""
-    return isinstance(value, (int, float))

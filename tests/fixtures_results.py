@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import sem
 
+from nvfp4kv.analysis.report import write_report
 from nvfp4kv.cache import KVCacheConfig
-from nvfp4kv.results import atomic_write_text, write_cell, write_report
+from nvfp4kv.results import atomic_write_text, write_cell
 
 MODEL = "smollm2-135m-instruct"
 KVS: dict[str, dict[str, Any]] = {
@@ -57,10 +59,9 @@ def _paired_outcomes(rng: np.random.Generator, n: int, p_base: float) -> dict[st
 
 
 def _metric(values: np.ndarray) -> dict[str, Any]:
-    n = len(values)
-    mean = float(values.mean())
-    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else None
-    return {"value": mean, "stderr": stderr, "n": n}
+    """Mean and its standard error (scipy's ``sem``: sample std / sqrt(n)), as the tasks report them."""
+    return {"value": float(np.mean(values)), "stderr": float(sem(values)) if len(values) > 1 else None,
+            "n": len(values)}
 
 
 def _cell(run_id: str, task: str, kv: str, metrics: dict, extra: dict | None = None) -> dict[str, Any]:
@@ -153,8 +154,9 @@ def write_results_fixture(
 
     Tasks: ``gsm8k`` (two metrics), ``mmlu``, ``passkey`` (grid in ``extra``), ``fidelity``
     (``per_layer`` in ``extra``); kv labels ``bf16``, ``fp8_e4m3``, ``nvfp4``. Cells are written
-    with :func:`nvfp4kv.results.write_cell` and the derived files with ``write_report`` (skip
-    them with ``with_report=False``: they cost ~2 s of plotting).
+    with :func:`nvfp4kv.results.write_cell` and the derived files with
+    :func:`nvfp4kv.analysis.report.write_report` (skip them with ``with_report=False``: they cost
+    ~2 s of plotting).
     """
     rng = np.random.default_rng(seed)
     run_dir = Path(root) / sweep / run_id

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from fixtures_results import CONTEXT_LENS, DEPTHS, KVS, MODEL, write_results_fixture
 from nvfp4kv import analysis as A
-from nvfp4kv import stats
+from nvfp4kv import results, stats
 from nvfp4kv.analysis.runs import find_repo_root
 
 RUN_A, RUN_B = "20250101-000000-fix0", "20250102-000000-fix1"
@@ -215,6 +215,35 @@ def test_paired_by_context_length(run_a: Path) -> None:
         assert row["delta"] == pytest.approx(np.mean(b) - np.mean(a))
 
 
+def _write_cell(run_dir: Path, kv: str, values: list[int], task: str = "mmlu") -> None:
+    """A cell whose samples carry a string field besides the metric (which is not a metric)."""
+    cell = {"cell_id": results.cell_id("m", task, kv), "run_id": "r", "model": "m", "task": task, "kv": kv,
+            "metrics": {"acc,none": {"value": float(np.mean(values)), "stderr": None, "n": len(values)}}}
+    results.write_cell(run_dir, cell, [{"doc_id": i, "task": task, "kv": kv, "metrics": {"acc,none": v, "note": "x"}}
+                                       for i, v in enumerate(values)])
+
+
+def test_compare_pairs_the_samples_of_a_run_directory(tmp_path: Path) -> None:
+    _write_cell(tmp_path, "bf16", [1, 1, 1, 1, 1, 0, 0, 1])
+    _write_cell(tmp_path, "nvfp4", [0, 0, 0, 0, 0, 0, 0, 1])
+    _write_cell(tmp_path, "fp8_e4m3", [1, 1, 1, 1, 1, 0, 0, 1])
+    _write_cell(tmp_path, "nvfp4", [1, 0], task="other")  # no bf16 cell for this task: nothing to pair with
+    samples = A.load_samples(tmp_path)
+    assert set(samples["metric"]) == {"acc,none"}  # the string field is not a metric
+    cmp = A.compare(A.load_results(tmp_path), samples=samples, n_boot=500)
+    paired = cmp[cmp["ci_method"] == "paired-bootstrap"].set_index("kv")
+    assert sorted(paired.index) == ["fp8_e4m3", "nvfp4"] and set(paired["task"]) == {"mmlu"}
+    assert paired.loc["nvfp4", "paired_delta"] == pytest.approx(-5 / 8) == paired.loc["nvfp4", "delta"]
+    assert paired.loc["nvfp4", "p_mcnemar"] == pytest.approx(0.0625) and paired.loc["nvfp4", "n_paired"] == 8
+    fp8 = paired.loc["fp8_e4m3"]
+    assert A.format_delta(fp8["paired_delta"], fp8["ci_low"], fp8["ci_high"]) == "+0.000 [+0.000, +0.000]"
+
+
+def test_format_delta() -> None:
+    assert A.format_delta(-0.0214, -0.05, 0.008) == "-0.021 [-0.050, +0.008]"
+    assert A.format_delta(math.nan, math.nan, math.nan) == "n/a"
+
+
 # ---------------------------------------------------------------------------- selection & tables
 @pytest.mark.parametrize(("metric", "expected"), [
     ("exact_match,strict-match", True), ("acc,none", True), ("acc@2048", True),
@@ -234,7 +263,7 @@ def test_headline_table_one_primary_metric_per_task(root: Path, run_a: Path) -> 
     assert (table[table.kv == "bf16"][delta_col] == "(baseline)").all()
     nv = cmp[(cmp.task == "passkey") & (cmp.metric == "acc") & (cmp.kv == "nvfp4")].iloc[0]
     shown = table[(table.task == "passkey") & (table.kv == "nvfp4")][delta_col].item()
-    assert shown == stats.format_delta(100 * nv["delta"], 100 * nv["ci_low"], 100 * nv["ci_high"], 1)
+    assert shown == A.format_delta(100 * nv["delta"], 100 * nv["ci_low"], 100 * nv["ci_high"], 1)
     assert "run_id" not in table
     assert "run_id" in A.headline_table(A.compare(A.load_results(root)))
 
@@ -289,6 +318,19 @@ def test_plot_retrieval_heatmaps_show_the_grid(run_a: Path) -> None:
     expected = grid[grid.kv == "nvfp4"].pivot_table(index="depth", columns="context_len", values="acc").to_numpy()
     np.testing.assert_array_equal(images[2], expected)  # panels in display order: bf16, fp8, nvfp4
     assert isinstance(A.plot_retrieval_by_length(grid), Figure)
+
+
+def test_wilson_interval_by_hand() -> None:
+    from nvfp4kv.analysis.plots import _wilson
+
+    hits, n = np.array([0.0, 3.0, 20.0, 1.0]), np.array([20.0, 20.0, 20.0, 0.0])
+    z2 = 1.959963984540054**2
+    centre = (hits[:3] + z2 / 2) / (n[:3] + z2)
+    half = math.sqrt(z2) / (n[:3] + z2) * np.sqrt(hits[:3] * (n[:3] - hits[:3]) / n[:3] + z2 / 4)
+    low, high = _wilson(hits, n)
+    np.testing.assert_allclose(low[:3], centre - half, atol=1e-12)
+    np.testing.assert_allclose(high[:3], centre + half, atol=1e-12)
+    assert math.isnan(low[3]) and math.isnan(high[3])  # no trials: no interval
 
 
 def test_plot_layer_sqnr_panels_and_lossless_note(run_a: Path) -> None:

@@ -1,6 +1,7 @@
 """The analysis notebooks run top to bottom on a generated results fixture, in this interpreter.
 
-Each notebook is executed with nbclient in a fresh kernel. The kernel must be *this* Python (CI
+The notebooks are plain ``.ipynb`` files, edited directly (Jupyter, VS Code) and committed
+without outputs; there is no generator. Each is executed with nbclient in a fresh kernel. The kernel must be *this* Python (CI
 builds a fresh ``.venv``; a ``python3`` kernelspec elsewhere on the machine, e.g. in
 ``~/.local/share/jupyter``, could point at another interpreter without nvfp4kv), so a
 kernelspec whose argv is ``sys.executable`` is written to a temporary ``JUPYTER_PATH``, which
@@ -72,25 +73,25 @@ def test_kernel_is_this_interpreter(kernel_env: dict[str, str], monkeypatch: pyt
     assert Path(text[1]).resolve().is_relative_to(REPO)
 
 
-def test_committed_notebooks_are_the_generators_output_without_outputs() -> None:
-    sys.path.insert(0, str(NOTEBOOKS))
-    try:
-        import _build
-    finally:
-        sys.path.remove(str(NOTEBOOKS))
-    def content(nb: nbformat.NotebookNode) -> list[tuple]:
-        # cell types, sources and metadata: not the serialization, which nbformat versions may vary
-        return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
+#: every committed notebook -> the test that executes it (a new notebook must get one)
+EXECUTED_BY = {
+    "01_overview.ipynb": "test_overview_notebook_runs_on_fixture",
+    "02_error_anatomy.ipynb": "test_error_anatomy_notebook_runs_on_the_embedded_model",
+    "03_long_context.ipynb": "test_long_context_notebook_runs_on_fixture",
+}
 
-    for name in _build.NOTEBOOKS:
+
+def test_committed_notebooks_are_valid_without_outputs_and_each_is_executed() -> None:
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == sorted(EXECUTED_BY), "a notebook without an execution test (add it to EXECUTED_BY)"
+    assert all(callable(globals().get(test)) for test in EXECUTED_BY.values())
+    for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-        assert content(nb) == content(_build.build(_build.NOTEBOOKS[name])), \
-            f"{name} is stale: run python notebooks/_build.py"
         nbformat.validate(nb)
         assert all(c.get("outputs", []) == [] and c.get("execution_count") is None
-                   for c in nb.cells if c.cell_type == "code")
+                   for c in nb.cells if c.cell_type == "code"), f"{name}: clear its outputs before committing"
         first_code = next(c for c in nb.cells if c.cell_type == "code")
-        assert "parameters" in first_code.metadata.get("tags", [])
+        assert "parameters" in first_code.metadata.get("tags", []), f"{name}: tag the first code cell 'parameters'"
 
 
 def _read(name: str) -> nbformat.NotebookNode:

@@ -1,4 +1,5 @@
-"""nvfp4kv.results: atomic writes, cell files, the tidy frame, the Markdown table's deltas, plots."""
+"""A run dir: its records (nvfp4kv.results: atomic writes, cell and sample files) and the report
+built from them (nvfp4kv.analysis: the tidy frame, results.csv, table.md's deltas, plots)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 
 import pytest
 
+from nvfp4kv import analysis as A
 from nvfp4kv import results
+from nvfp4kv.analysis import report
+from nvfp4kv.analysis.load import policy_label
 
 
 def make_cell(kv: str, fmt: str, value: float, *, task: str = "gsm8k", metric: str = "exact_match,strict-match",
@@ -78,12 +82,12 @@ def test_cell_ids_are_filesystem_safe():
     assert "/" not in results.cell_id("a b/c", "t:x", "kv")
 
 
-# ---------------------------------------------------------------------------- tidy frame
+# ---------------------------------------------------------------------------- tidy frame (nvfp4kv.analysis)
 def test_tidy_frame_has_the_layout_columns_and_one_row_per_metric():
     cells = [make_cell("bf16", "bf16", 0.5), make_cell("nvfp4", "nvfp4", 0.4, bits=4.5, residual_length=128)]
     cells[1]["metrics"]["exact_match,flexible-extract"] = {"value": 0.45, "stderr": None, "n": 50}
-    frame = results.tidy_frame(cells)
-    assert list(frame.columns) == results.TIDY_COLUMNS
+    frame = A.tidy_frame(cells)
+    assert set(report.CSV_COLUMNS) <= set(frame.columns)
     assert len(frame) == 3
     row = frame[(frame.kv == "nvfp4") & (frame.metric == "exact_match,strict-match")].iloc[0]
     assert (row.k_format, row.policy, row.bits_per_element, row.value, row.n) == ("nvfp4", "prefill/serving+res128", 4.5, 0.4, 50)
@@ -91,22 +95,23 @@ def test_tidy_frame_has_the_layout_columns_and_one_row_per_metric():
 
 
 def test_policy_label_spells_out_windows_and_reads():
-    assert results.policy_label({"scale_policy": "dynamic", "read_mode": "quantized", "sink_tokens": 4,
-                                 "residual_length": 64, "skip_layers": [0, 1]}) == "dynamic/quantized+sink4+res64+skip0,1"
+    assert policy_label({"scale_policy": "dynamic", "read_mode": "quantized", "sink_tokens": 4,
+                         "residual_length": 64, "skip_layers": [0, 1]}) == "dynamic/quantized+sink4+res64+skip0,1"
 
 
 def test_kv_order_puts_the_baseline_first_then_by_bits():
-    frame = results.tidy_frame([make_cell("nvfp4", "nvfp4", 0.4, bits=4.5), make_cell("fp8", "fp8_e4m3", 0.5, bits=8),
-                                make_cell("bf16", "bf16", 0.5)])
-    assert results.kv_order(frame) == ["bf16", "fp8", "nvfp4"]
+    frame = A.tidy_frame([make_cell("nvfp4", "nvfp4", 0.4, bits=4.5), make_cell("fp8", "fp8_e4m3", 0.5, bits=8),
+                          make_cell("bf16", "bf16", 0.5)])
+    assert A.kv_order(frame) == ["bf16", "fp8", "nvfp4"]
+    assert report.display_order(frame)["kv"].tolist() == ["bf16", "fp8", "nvfp4"]
 
 
-# ---------------------------------------------------------------------------- Markdown table
+# ---------------------------------------------------------------------------- table.md (nvfp4kv.analysis.report)
 def test_markdown_table_deltas_vs_bf16_in_points():
-    frame = results.tidy_frame([make_cell("nvfp4", "nvfp4", 0.42, bits=4.5, stderr=0.031),
-                                make_cell("bf16", "bf16", 0.5, stderr=0.025),
-                                make_cell("fp8", "fp8_e4m3", 0.515, bits=8.0)])
-    table = results.markdown_table(frame, baseline="bf16")
+    frame = A.tidy_frame([make_cell("nvfp4", "nvfp4", 0.42, bits=4.5, stderr=0.031),
+                          make_cell("bf16", "bf16", 0.5, stderr=0.025),
+                          make_cell("fp8", "fp8_e4m3", 0.515, bits=8.0)])
+    table = A.markdown_table(A.compare(frame), baseline="bf16")
     rows = [line for line in table.splitlines() if line.startswith("| m |")]
     assert [r.split(" | ")[3] for r in rows] == ["bf16", "fp8", "nvfp4"]
     assert "| 50.0 ± 2.5 | (baseline) |" in rows[0]
@@ -115,26 +120,26 @@ def test_markdown_table_deltas_vs_bf16_in_points():
 
 
 def test_markdown_table_keeps_units_of_non_rate_metrics():
-    frame = results.tidy_frame([make_cell("bf16", "bf16", 0.0, metric="kl", stderr=None),
-                                make_cell("nvfp4", "nvfp4", 0.0123, metric="kl", bits=4.5, stderr=None)])
-    assert "| 0.0123 | +0.0123 |" in results.markdown_table(frame)
+    frame = A.tidy_frame([make_cell("bf16", "bf16", 0.0, metric="kl", stderr=None),
+                          make_cell("nvfp4", "nvfp4", 0.0123, metric="kl", bits=4.5, stderr=None)])
+    assert "| 0.0123 | +0.0123 |" in A.markdown_table(A.compare(frame))
 
 
 def test_markdown_table_without_baseline_leaves_delta_empty():
-    frame = results.tidy_frame([make_cell("nvfp4", "nvfp4", 0.4, bits=4.5)])
-    row = [line for line in results.markdown_table(frame).splitlines() if line.startswith("| m |")][0]
+    frame = A.tidy_frame([make_cell("nvfp4", "nvfp4", 0.4, bits=4.5)])
+    row = [line for line in A.markdown_table(A.compare(frame)).splitlines() if line.startswith("| m |")][0]
     assert "| 40.0 ± 2.0 |  | 50 |" in row
 
 
 def test_markdown_table_adds_paired_ci_columns_from_stats(tmp_path):
-    """With per-sample files, nvfp4kv.stats adds a paired CI; checked against a hand count."""
+    """With per-sample files, compare() adds a paired CI (nvfp4kv.stats); checked against a hand count."""
     base = [{"doc_id": i, "task": "gsm8k", "metrics": {"acc": 1.0 if i < 10 else 0.0}} for i in range(20)]
     worse = [{"doc_id": i, "task": "gsm8k", "metrics": {"acc": 1.0 if i < 6 else 0.0}} for i in range(20)]
     results.write_cell(tmp_path, make_cell("bf16", "bf16", 0.5, metric="acc", n=20), base)
     results.write_cell(tmp_path, make_cell("nvfp4", "nvfp4", 0.3, metric="acc", bits=4.5, n=20), worse)
-    paired = results.paired_ci_frame(tmp_path, "bf16")
-    assert paired is not None
-    table = results.markdown_table(results.tidy_frame(results.read_cells(tmp_path)), "bf16", paired)
+    cmp = A.compare(A.load_results(tmp_path), "bf16", samples=A.load_samples(tmp_path))
+    assert (cmp["ci_method"] == "paired-bootstrap").any()
+    table = A.markdown_table(cmp, "bf16")
     assert "paired Δ [95% CI]" in table
     row = [line for line in table.splitlines() if "| nvfp4 |" in line][0]
     assert "| -20.0 [" in row  # 4 of 20 samples flipped 1 -> 0
@@ -150,16 +155,16 @@ def test_write_report_writes_csv_table_and_png_plots(tmp_path):
         results.write_cell(tmp_path, make_cell(kv, fmt, value, task="passkey", metric="acc", bits=bits, extra={"grid": grid}))
         results.write_cell(tmp_path, make_cell(kv, fmt, 0.01, task="fidelity", metric="kl", bits=bits,
                                                extra={"per_layer": per_layer}))
-    written = results.write_report(tmp_path, title="unit")
+    written = A.write_report(tmp_path, title="unit")
     assert set(written) == {"csv", "table", "accuracy", "retrieval", "layers"}
     for key in ("accuracy", "retrieval", "layers"):
         assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written[key].stat().st_size > 1000
-    assert (tmp_path / "results.csv").read_text().splitlines()[0] == ",".join(results.TIDY_COLUMNS)
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == ",".join(report.CSV_COLUMNS)
     assert (tmp_path / "table.md").read_text().startswith("# unit")
 
 
 def test_report_of_an_empty_run_is_still_written(tmp_path):
-    written = results.write_report(tmp_path)
+    written = A.write_report(tmp_path)
     assert "no finished cells" in written["table"].read_text()
     assert written["accuracy"].is_file()
 
@@ -168,7 +173,7 @@ def test_report_reads_the_shared_results_fixture(tmp_path):
     """The analysis/gate fixture is written with write_cell; the report must digest it."""
     fixtures = pytest.importorskip("fixtures_results")
     run_dir = fixtures.write_results_fixture(tmp_path)
-    frame = results.tidy_frame(results.read_cells(run_dir))
+    frame = A.tidy_frame(results.read_cells(run_dir))
     assert set(frame.kv) >= {"bf16", "nvfp4"} and frame["value"].notna().all()
     assert "Δ vs bf16" in (run_dir / "table.md").read_text()
 

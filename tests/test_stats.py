@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
 from nvfp4kv.stats import (
+    Z95,
     bootstrap_means,
     discordant_counts,
-    format_delta,
     mcnemar_exact,
     paired_bootstrap,
     paired_deltas,
-    paired_table,
 )
 
 
@@ -81,7 +79,7 @@ def test_bootstrap_interval_covers_true_delta_and_excludes_zero():
     delta, low, high = paired_bootstrap(a, b, n_boot=2000, seed=0)
     assert low < 0.3 < high
     assert low > 0.0  # 0.3 is ~12 standard errors away from 0
-    assert high - low == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(400), rel=0.15)
+    assert high - low == pytest.approx(2 * Z95 * 0.5 / math.sqrt(400), rel=0.15)
 
 
 def test_bootstrap_is_reproducible_with_seed_and_varies_without():
@@ -145,40 +143,3 @@ def test_paired_deltas_rejects_duplicate_keys_and_handles_no_overlap():
         paired_deltas(_samples([1]) + _samples([0]), _samples([1]), "acc")
     res = paired_deltas(_samples([1]), _samples([1], start=5), "acc")
     assert res["n"] == 0 and math.isnan(res["delta"])
-
-
-def test_format_delta():
-    assert format_delta(-0.0214, -0.05, 0.008) == "-0.021 [-0.050, +0.008]"
-    assert format_delta(math.nan, math.nan, math.nan) == "n/a"
-
-
-# ---- paired_table over a RESULTS_LAYOUT directory --------------------------------------------
-
-
-def _write_cell(run_dir, kv, values, task="mmlu", model="m"):
-    cell_id = f"{model}__{task}__{kv}"
-    (run_dir / "cells").mkdir(exist_ok=True)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    (run_dir / "cells" / f"{cell_id}.json").write_text(json.dumps({"cell_id": cell_id, "model": model, "task": task, "kv": kv}))
-    lines = [json.dumps({"doc_id": i, "task": task, "kv": kv, "metrics": {"acc,none": v, "note": "x"}}) for i, v in enumerate(values)]
-    (run_dir / "samples" / f"{cell_id}.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def test_paired_table_reads_a_run_directory(tmp_path):
-    _write_cell(tmp_path, "bf16", [1, 1, 1, 1, 1, 0, 0, 1])
-    _write_cell(tmp_path, "nvfp4", [0, 0, 0, 0, 0, 0, 0, 1])
-    _write_cell(tmp_path, "fp8_e4m3", [1, 1, 1, 1, 1, 0, 0, 1])
-    _write_cell(tmp_path, "nvfp4", [1, 0], task="other")  # no bf16 cell for this task: left out
-    table = paired_table(tmp_path, n_boot=500)
-    assert list(table["kv"]) == ["fp8_e4m3", "nvfp4"]
-    assert set(table["metric"]) == {"acc,none"}  # the string field is not a metric
-    nv = table[table["kv"] == "nvfp4"].iloc[0]
-    assert nv["delta"] == pytest.approx(-5 / 8)
-    assert nv["p_mcnemar"] == pytest.approx(0.0625)
-    assert nv["n"] == 8
-    fp8 = table[table["kv"] == "fp8_e4m3"].iloc[0]
-    assert fp8["Δ [95% CI]"] == "+0.000 [+0.000, +0.000]"
-
-
-def test_paired_table_on_missing_directory_is_empty(tmp_path):
-    assert paired_table(tmp_path / "nope").empty

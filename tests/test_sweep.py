@@ -114,7 +114,9 @@ def test_run_writes_the_results_layout(tmp_path):
     assert (first["task"], first["kv"], first["model"]) == ("alpha", "nvfp4", MODEL)
 
     csv = (run_dir / "results.csv").read_text().splitlines()
-    assert csv[0] == ",".join(results.TIDY_COLUMNS) and len(csv) == 1 + 6
+    from nvfp4kv.analysis.report import CSV_COLUMNS
+
+    assert csv[0] == ",".join(CSV_COLUMNS) and len(csv) == 1 + 6
     table = (run_dir / "table.md").read_text()
     assert "Δ vs bf16" in table and "(baseline)" in table
     assert "| alpha | acc | nvfp4 | 4.5 | prefill/serving | 50.0 ± 5.0 | -25.0 |" in table  # 0.50 vs 0.75

@@ -200,7 +200,9 @@ def test_f6_a_failing_report_is_a_failing_run(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results, "write_report", broken)
+    from nvfp4kv.analysis import report
+
+    monkeypatch.setattr(report, "write_report", broken)
     monkeypatch.chdir(tmp_path)
     assert _run_cli(monkeypatch, "+sweep=smoke", *FAKE_TASK_OVERRIDES, "run_dir=run") == 1
     assert "stop: failed" in (tmp_path / "run" / "run.log").read_text()

@@ -19,8 +19,8 @@ from nvfp4kv import stats
 from nvfp4kv.errors import MixedRunsError
 
 KEY = ["model", "task", "metric"]
-COMPARE_COLUMNS = ["baseline_value", "delta", "ci_low", "ci_high", "p_mcnemar", "n_paired", "ci_method"]
-_Z95 = 1.959963984540054
+COMPARE_COLUMNS = ["baseline_value", "delta", "paired_delta", "ci_low", "ci_high", "p_mcnemar", "n_paired",
+                   "ci_method"]
 
 
 def _baseline_rows(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
@@ -68,9 +68,10 @@ def _sample_records(samples: pd.DataFrame, run_id: str, model: str, task: str, k
 
 
 def _unpaired(delta: float, se_a: float, se_b: float) -> tuple[float, float]:
+    """The normal 95% interval of a difference of two independent estimates."""
     if not (np.isfinite(se_a) and np.isfinite(se_b)):
         return math.nan, math.nan
-    half = _Z95 * math.hypot(se_a, se_b)
+    half = stats.Z95 * math.hypot(se_a, se_b)
     return delta - half, delta + half
 
 
@@ -85,7 +86,8 @@ def compare(
 ) -> pd.DataFrame:
     """``df`` (from :func:`load_results`) plus Δ vs ``baseline`` and a 95% CI per row.
 
-    Added columns: ``baseline_value``, ``delta`` (value - baseline value), ``ci_low``/``ci_high``,
+    Added columns: ``baseline_value``, ``delta`` (value - baseline value), ``paired_delta`` (the mean
+    per-sample difference the paired interval is centred on, paired rows only), ``ci_low``/``ci_high``,
     ``p_mcnemar`` (exact McNemar p for 0/1 outcomes, paired rows only), ``n_paired`` and
     ``ci_method`` (``"paired-bootstrap"``, ``"unpaired-normal"``, or missing). A row is compared with
     the baseline of the same model, task and metric, from the same run when that run has one.
@@ -120,8 +122,8 @@ def compare(
             if a and b:
                 paired = stats.paired_deltas(a, b, row["metric"], n_boot=n_boot, seed=seed)
         if paired is not None and paired["n"] > 0:
-            result.update(ci_low=paired["ci_low"], ci_high=paired["ci_high"], p_mcnemar=paired["p_mcnemar"],
-                          n_paired=paired["n"], ci_method="paired-bootstrap")
+            result.update(paired_delta=paired["delta"], ci_low=paired["ci_low"], ci_high=paired["ci_high"],
+                          p_mcnemar=paired["p_mcnemar"], n_paired=paired["n"], ci_method="paired-bootstrap")
         else:
             low, high = _unpaired(result["delta"], float(row["stderr"]), float(base["stderr"]))
             if np.isfinite(low):

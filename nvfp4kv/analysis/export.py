@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pandas as pd
 
 from nvfp4kv.analysis.select import accuracy_rows, kv_order, primary_rows
-from nvfp4kv.stats import format_delta
+from nvfp4kv.results import atomic_write_text
+from nvfp4kv.stats import Z95
 
 PathLike = str | os.PathLike[str]
-_Z95 = 1.959963984540054
+
+
+def format_delta(delta: float, low: float, high: float, digits: int = 3) -> str:
+    """``"-0.021 [-0.050, +0.008]"``: the cell text of a Δ column (``n/a`` when there is no Δ)."""
+    if math.isnan(delta):
+        return "n/a"
+    return f"{delta:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def headline_table(cmp: pd.DataFrame, *, baseline: str = "bf16", digits: int = 1,
@@ -42,7 +48,7 @@ def headline_table(cmp: pd.DataFrame, *, baseline: str = "bf16", digits: int = 1
     for _, r in rows.iterrows():
         value = 100 * float(r["value"])
         stderr = float(r["stderr"]) if pd.notna(r["stderr"]) else math.nan
-        shown = f"{value:.{digits}f}" + (f" ± {100 * _Z95 * stderr:.{digits}f}" if math.isfinite(stderr) else "")
+        shown = f"{value:.{digits}f}" + (f" ± {100 * Z95 * stderr:.{digits}f}" if math.isfinite(stderr) else "")
         is_base = r["kv"] == baseline
         has_ci = pd.notna(r["ci_low"]) and math.isfinite(float(r["ci_low"]))
         if is_base:
@@ -68,15 +74,14 @@ def headline_table(cmp: pd.DataFrame, *, baseline: str = "bf16", digits: int = 1
 
 def _write(text: str, path: PathLike | None) -> str:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
     return text
 
 
 def to_markdown(df: pd.DataFrame, path: PathLike | None = None, *, floatfmt: str = ".4g") -> str:
     """A GitHub Markdown table of any frame (no index); NaN shown empty.
 
-    For the sweep's own Δ table of a run see ``table.md`` (:func:`nvfp4kv.results.markdown_table`);
+    For the sweep's own Δ table of a run see ``table.md`` (:func:`nvfp4kv.analysis.report.markdown_table`);
     this writer renders whatever frame a notebook built, e.g. :func:`headline_table`.
     """
     shown = df.copy()

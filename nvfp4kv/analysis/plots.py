@@ -1,31 +1,42 @@
 """Figures that answer the project's question at a glance; each returns a matplotlib Figure.
 
 Functions take the tidy frames of :mod:`nvfp4kv.analysis.load` (or :func:`compare`'s output)
-and never save or show: notebooks display the Figure, scripts save it, tests inspect it.
-Figures are built with ``matplotlib.figure.Figure`` rather than pyplot: no global figure
-registry to leak in long sessions or tests, no backend switch, and a notebook shows each
-figure once (as the cell's value) instead of once more from pyplot's open-figure list.
-Error bars are 95% intervals: ``1.96 * stderr`` for an accuracy, the paired interval from
-:func:`~nvfp4kv.analysis.compare.compare` for a Δ.
+and never show: notebooks display the Figure, :func:`save_figure` writes it (atomically, as PNG),
+tests inspect it. These are the only plotting functions: the run dir's ``plots/`` (written by
+:mod:`nvfp4kv.analysis.report`), the README figures (``experiments.make_figures``) and the
+notebooks all draw with them.
 
-The sweep runner draws its own quick-look plots of one run (``plots/`` in the run dir, by
-:mod:`nvfp4kv.results`, ±1 stderr); these are the figures for papers and the README: 95% and
-paired intervals, several runs at once, accuracy against memory, and lossless formats called out.
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot: no global figure
+registry to leak in long sessions, sweeps or tests, no backend switch, and a notebook shows each
+figure once (as the cell's value) instead of once more from pyplot's open-figure list.
+Error bars are 95% intervals: ``Z95 * stderr`` for an accuracy, the paired interval from
+:func:`~nvfp4kv.analysis.compare.compare` for a Δ, Wilson intervals for pooled retrieval rates.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy.stats import binomtest
 
 from nvfp4kv.analysis.select import accuracy_rows, kv_order, primary_rows
+from nvfp4kv.results import atomic_write_bytes
+from nvfp4kv.stats import Z95
 
-_Z95 = 1.959963984540054
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Render ``fig`` to PNG in memory and write it atomically to ``path``."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _empty_figure(message: str) -> Figure:
@@ -69,7 +80,7 @@ def plot_accuracy(df: pd.DataFrame, *, all_metrics: bool = False, ncols: int = 3
             x = [i + (r - (len(runs) - 1) / 2) * width for i, kv in enumerate(order) if kv in run.index]
             present = [kv for kv in order if kv in run.index]
             values = run.loc[present, "value"].to_numpy(float)
-            errors = np.nan_to_num(_Z95 * run.loc[present, "stderr"].to_numpy(float))
+            errors = np.nan_to_num(Z95 * run.loc[present, "stderr"].to_numpy(float))
             ax.bar(x, values, width=width, yerr=errors, capsize=3, color=[colors[kv] for kv in present],
                    alpha=1.0 - 0.45 * r / max(1, len(runs) - 1), label=run_id if len(runs) > 1 else None)
             top = max(top, float(np.nanmax(values + errors)) if len(values) else 0.0)
@@ -218,13 +229,15 @@ def plot_layer_sqnr(per_layer: pd.DataFrame, *, kinds: tuple[str, ...] = ("k", "
 
 
 def _wilson(hits: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson 95% interval for a binomial proportion: sane at 0/n and n/n, unlike ±1.96·stderr."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = hits / n
-        denom = 1 + _Z95**2 / n
-        centre = (p + _Z95**2 / (2 * n)) / denom
-        half = _Z95 * np.sqrt(p * (1 - p) / n + _Z95**2 / (4 * n**2)) / denom
-    return centre - half, centre + half
+    """Wilson 95% interval per point (scipy): sane at 0/n and n/n, unlike ±1.96·stderr.
+
+    ``hits`` are pooled ``acc * n`` of the grid, whole numbers up to float rounding; a point
+    without trials (or without an accuracy) gets NaN.
+    """
+    cis = [binomtest(int(round(k)), int(m)).proportion_ci(0.95, method="wilson") if m > 0 and np.isfinite(k)
+           else None for k, m in zip(hits, n)]
+    return (np.array([ci.low if ci else math.nan for ci in cis]),
+            np.array([ci.high if ci else math.nan for ci in cis]))
 
 
 def plot_retrieval_by_length(grid: pd.DataFrame) -> Figure:

@@ -1,18 +1,22 @@
-"""Which rows a headline view shows: task accuracies, one primary metric per task, formats in display order.
+"""Which rows a view shows and in what order: rates vs other metrics, task accuracies, one primary
+metric per task, formats in display order.
 
 Sweeps record many metrics per task (GSM8K's strict and flexible match, the fidelity task's KL,
-SQNR and agreement rates). Headline tables and plots need one accuracy number per task and a
-fixed order of formats; these rules live here so every plot and notebook applies the same ones.
-The rate test and the format order are the sweep report's own (:mod:`nvfp4kv.results`), so the
-notebooks and ``table.md`` agree on what counts as an accuracy and how formats are ordered.
+SQNR and agreement rates). Tables and plots need to know which metrics are rates (shown in
+percent), which are task accuracies, one headline metric per task, and a fixed order of formats;
+these rules live here only, so the run-dir report (``table.md``, ``plots/``), the README figures
+and the notebooks agree on them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import pandas as pd
 
-from nvfp4kv import results as sweep_results
-
+#: metric names that are not rates even when their values fall in [0, 1]
+NOT_RATE_MARKERS = ("kl", "nll", "ppl", "perplexity", "err", "sqnr", "loss", "bits", "mse", "entropy")
 #: rates that measure agreement with the BF16 reference (fidelity diagnostics), not task accuracy
 AGREEMENT_MARKERS = ("agree",)
 #: preferred primary metric per task, first match wins; otherwise the alphabetically first accuracy metric
@@ -20,14 +24,27 @@ PRIMARY_METRIC_ORDER = ("exact_match,strict-match", "exact_match,flexible-extrac
                         "acc_norm,none", "exact_match,none", "em")
 
 
+def is_rate(metric: str, values: Iterable[float]) -> bool:
+    """Whether a metric is a proportion (accuracy, exact match, retrieval) shown in percent.
+
+    Decided from the values (all within [0, 1]) and the name (KL, NLL, errors, SQNR are not rates
+    even when small), so new tasks need no registration.
+    """
+    name = metric.split(",")[0].lower()
+    if any(marker in name for marker in NOT_RATE_MARKERS):
+        return False
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return bool(finite) and all(0.0 <= v <= 1.0 for v in finite)
+
+
 def is_accuracy_metric(metric: str, values: list[float] | None = None) -> bool:
-    """A task accuracy: a rate by the sweep report's test, and not an agreement-with-reference rate.
+    """A task accuracy: a rate (:func:`is_rate`), and not an agreement-with-reference rate.
 
     Without ``values`` only the name is judged (values in [0, 1] are assumed).
     """
     if any(marker in metric.lower() for marker in AGREEMENT_MARKERS):
         return False
-    return sweep_results.is_rate(metric, [0.5] if values is None else values)
+    return is_rate(metric, [0.5] if values is None else values)
 
 
 def accuracy_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -59,4 +76,8 @@ def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def kv_order(df: pd.DataFrame, baseline: str = "bf16") -> list[str]:
     """KV labels in display order: the baseline first, then most bits per element first, then name."""
-    return sweep_results.kv_order(df, baseline) if not df.empty else []
+    if df.empty:
+        return []
+    bits = (pd.to_numeric(df["bits_per_element"], errors="coerce").groupby(df["kv"]).max().dropna().to_dict()
+            if "bits_per_element" in df else {})
+    return sorted(dict.fromkeys(df["kv"].dropna()), key=lambda kv: (kv != baseline, -bits.get(kv, -1.0), kv))

@@ -183,8 +183,6 @@ def run_cell(plan: SweepPlan, bundle: Any, task: TaskPlan, label: str, provenanc
         ident.check_cell(existing, expected, cid, plan.run_dir)
         log.info("skip %s (already done)", cid)
         return CellOutcome(cid, "skipped")
-    from nvfp4kv.eval.plan import resolve_runner
-
     runner = resolve_runner(task.kind)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     log.info("start %s", cid)
@@ -216,9 +214,11 @@ def shard_cells(plan: SweepPlan) -> list[tuple[TaskPlan, str]]:
 
 
 def _report(plan: SweepPlan) -> None:
+    from nvfp4kv.analysis import report  # records -> analysis -> results.csv, table.md, plots/
+
     title = f"{plan.sweep_name}: {plan.run_id}"
     with locked(plan.run_dir):  # shards finishing together: the last one sees every cell
-        paths = results.write_report(plan.run_dir, baseline=plan.baseline, title=title)
+        paths = report.write_report(plan.run_dir, baseline=plan.baseline, title=title)
     log.info("report: %s", ", ".join(str(p.relative_to(plan.run_dir)) for p in paths.values()))
 
 
