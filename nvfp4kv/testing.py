@@ -7,6 +7,8 @@ the sizes are small. head_dim is 32 so every block size (16, 32) divides it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
@@ -52,3 +54,26 @@ def tiny_sliding(seed: int = 0, dtype: torch.dtype = torch.float32, window: int 
         max_window_layers=1,
         layer_types=["full_attention", "sliding_attention", "full_attention"],
     )
+
+
+#: every registered format with the options that change its arithmetic: the cases the format
+#: contract and the finite-in/finite-out property run over (a new format joins both by being added here)
+FORMAT_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("bf16", {}),
+    ("fp8_e4m3", {}),
+    ("fp8_e4m3", {"scaling": "head"}),
+    ("fp8_e4m3", {"scaling": "token"}),
+    ("nvfp4", {}),
+    ("nvfp4", {"tiny_scale": "modelopt"}),
+    ("fp4_mx_block16", {}),
+    ("mxfp4", {}),
+    ("int4", {"axis": "token", "group_size": 32}),
+    ("int4", {"axis": "channel", "group_size": 16}),
+    ("int4", {"axis": "token", "group_size": 32, "scale_dtype": "float32"}),
+    ("int2", {"axis": "token", "group_size": 16}),
+    ("int2", {"axis": "channel", "group_size": 8}),
+]
+
+
+def format_case_id(name: str, options: dict[str, Any]) -> str:
+    return name + "".join(f"-{v}" for v in options.values())

@@ -19,27 +19,14 @@ from hypothesis import strategies as st
 
 from nvfp4kv.cache import KVCacheConfig, PackedKVLayer, QuantizedKVCache, cache_kwarg_name, make_cache
 from nvfp4kv.errors import NonFiniteKVError
+from nvfp4kv.testing import FORMAT_CASES, format_case_id
 from nvfp4kv.formats import KVFormat, available_formats, get_format
 from nvfp4kv.testing import tiny_llama
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: every registered format, with the options that change its arithmetic
-CONFIGS: list[tuple[str, dict[str, Any]]] = [
-    ("bf16", {}),
-    ("fp8_e4m3", {}),
-    ("fp8_e4m3", {"scaling": "head"}),
-    ("fp8_e4m3", {"scaling": "token"}),
-    ("nvfp4", {}),
-    ("nvfp4", {"tiny_scale": "modelopt"}),
-    ("fp4_mx_block16", {}),
-    ("mxfp4", {}),
-    ("int4", {"axis": "token", "group_size": 32}),
-    ("int4", {"axis": "channel", "group_size": 16}),
-    ("int4", {"axis": "token", "group_size": 32, "scale_dtype": "float32"}),
-    ("int2", {"axis": "token", "group_size": 16}),
-    ("int2", {"axis": "channel", "group_size": 8}),
-]
-IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in CONFIGS]
+CONFIGS = FORMAT_CASES
+IDS = [format_case_id(name, opts) for name, opts in CONFIGS]
 D = 64
 
 

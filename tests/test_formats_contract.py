@@ -15,23 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nvfp4kv.errors import NonFiniteKVError, UnknownFormatError
+from nvfp4kv.testing import FORMAT_CASES, format_case_id
 from nvfp4kv.formats import KVFormat, available_formats, get_format
 
-CONFIGS: list[tuple[str, dict]] = [
-    ("bf16", {}),
-    ("fp8_e4m3", {}),
-    ("fp8_e4m3", {"scaling": "head"}),
-    ("fp8_e4m3", {"scaling": "token"}),
-    ("nvfp4", {}),
-    ("nvfp4", {"tiny_scale": "modelopt"}),
-    ("fp4_mx_block16", {}),
-    ("mxfp4", {}),
-    ("int4", {"axis": "token", "group_size": 32}),
-    ("int4", {"axis": "channel", "group_size": 16}),
-    ("int2", {"axis": "token", "group_size": 16}),
-    ("int2", {"axis": "channel", "group_size": 8}),
-]
-IDS = [f"{name}-{'-'.join(map(str, opts.values()))}" if opts else name for name, opts in CONFIGS]
+CONFIGS = FORMAT_CASES
+IDS = [format_case_id(name, opts) for name, opts in CONFIGS]
 
 
 def test_registered_names() -> None:

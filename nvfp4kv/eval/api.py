@@ -8,7 +8,7 @@ model once, resuming, atomic writes, tables), so a new family is one function an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,17 @@ class MetricValue:
     value: float
     stderr: float | None = None
     n: int | None = None
+
+    @classmethod
+    def mean_of(cls, values: "Sequence[float]") -> "MetricValue":
+        """The mean of per-sample values with its standard error (sample std / sqrt(n), lm-eval's
+        ``mean_stderr``; None for a single value), computed by numpy/scipy."""
+        import numpy as np
+        from scipy.stats import sem
+
+        array = np.asarray(values, dtype=np.float64)
+        stderr = float(sem(array, ddof=1)) if array.size > 1 else None
+        return cls(float(array.mean()), stderr, int(array.size))
 
 
 @dataclass
@@ -68,3 +79,23 @@ def get_task_runner(kind: str) -> TaskRunner:
 
 def task_kinds() -> list[str]:
     return sorted(_TASK_KINDS)
+
+
+def task_config_fields(cfg: Any, *, kind: str, allowed: tuple[str, ...],
+                       tuples: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """A task family's config mapping as dataclass keyword arguments: unknown keys refused (naming
+    the allowed ones), ``kind`` dropped, and the fields in ``tuples`` turned into tuples of their
+    element type (a scalar counts as a one-element list: Hydra overrides such as ``lengths=4096``)."""
+    from nvfp4kv.eval.lmeval_tasks import to_plain
+
+    cfg = to_plain(cfg)
+    unknown = sorted(set(cfg) - set(allowed))
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in {kind} task config; allowed: {list(allowed)}. "
+                          f"Fix the key's spelling or drop it.")
+    values = {k: v for k, v in cfg.items() if k != "kind"}
+    for key, element in (tuples or {}).items():
+        if key in values:
+            items = values[key] if isinstance(values[key], (list, tuple)) else [values[key]]
+            values[key] = tuple(element(x) for x in items)
+    return values

@@ -25,7 +25,6 @@ others, and every KV format sees identical prompts (samples pair up across forma
 from __future__ import annotations
 
 import importlib.util
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -68,17 +67,10 @@ class PasskeyConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> PasskeyConfig:
-        from nvfp4kv.eval.lmeval_tasks import to_plain
+        from nvfp4kv.eval.api import task_config_fields
 
-        cfg = to_plain(cfg)
-        unknown = sorted(set(cfg) - set(TASK_CONFIG_KEYS))
-        if unknown:
-            raise ConfigError(f"Unknown key(s) {unknown} in passkey task config; allowed: {list(TASK_CONFIG_KEYS)}.")
-        values = {k: v for k, v in cfg.items() if k != "kind"}
-        if "context_lengths" in values:
-            values["context_lengths"] = tuple(int(x) for x in values["context_lengths"])
-        if "depths" in values:
-            values["depths"] = tuple(float(x) for x in values["depths"])
+        values = task_config_fields(cfg, kind="passkey", allowed=TASK_CONFIG_KEYS,
+                                    tuples={"context_lengths": int, "depths": float})
         config = cls(**values)
         if not config.context_lengths or not config.depths or config.trials < 1 or config.digits < 1:
             raise ConfigError("passkey needs non-empty context_lengths and depths, trials >= 1 and digits >= 1.")
@@ -187,16 +179,6 @@ def _generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tok
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def _mean_stderr(values: list[float]) -> tuple[float, float | None]:
-    """Mean and its standard error (sample std / sqrt(n), as lm-eval's ``mean_stderr``)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
 @register_task_kind("passkey")
 def run_passkey_task(
     task_cfg: dict[str, Any],
@@ -238,12 +220,10 @@ def run_passkey_task(
         })
 
     metrics: dict[str, MetricValue] = {}
-    value, stderr = _mean_stderr([s["metrics"]["acc"] for s in samples])
-    metrics["acc"] = MetricValue(value, stderr, len(samples))
+    metrics["acc"] = MetricValue.mean_of([s["metrics"]["acc"] for s in samples])
     for context_len in cfg.context_lengths:
         values = [s["metrics"]["acc"] for s in samples if s["context_len"] == context_len]
-        mean, err = _mean_stderr(values)
-        metrics[f"acc@{context_len}"] = MetricValue(mean, err, len(values))
+        metrics[f"acc@{context_len}"] = MetricValue.mean_of(values)
     grid_rows = []
     for context_len in cfg.context_lengths:
         for depth in cfg.depths:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -62,20 +61,10 @@ class RulerConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> RulerConfig:
-        from nvfp4kv.eval.lmeval_tasks import to_plain
+        from nvfp4kv.eval.api import task_config_fields
 
-        cfg = to_plain(cfg)
-        unknown = sorted(set(cfg) - set(TASK_CONFIG_KEYS))
-        if unknown:
-            raise ConfigError(f"Unknown key(s) {unknown} in ruler task config; allowed: {list(TASK_CONFIG_KEYS)}.")
-        values = {k: v for k, v in cfg.items() if k != "kind"}
-        for key in ("subtasks", "lengths"):
-            if key in values and isinstance(values[key], (str, int)):
-                values[key] = [values[key]]
-        if "subtasks" in values:
-            values["subtasks"] = tuple(str(s) for s in values["subtasks"])
-        if "lengths" in values:
-            values["lengths"] = tuple(int(x) for x in values["lengths"])
+        values = task_config_fields(cfg, kind="ruler", allowed=TASK_CONFIG_KEYS,
+                                    tuples={"subtasks": str, "lengths": int})
         config = cls(**values)
         if not config.subtasks or not config.lengths:
             raise ConfigError("ruler needs non-empty `subtasks` and `lengths`.")
@@ -199,15 +188,6 @@ def generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_toke
     return postprocess_generated_text(text, stops, None)
 
 
-def _mean_stderr(values: list[float]) -> MetricValue:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return MetricValue(mean, None, n)
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return MetricValue(mean, math.sqrt(variance / n), n)
-
-
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -271,15 +251,15 @@ def run_ruler_task(
             record["prompt"] = context
         samples.append(record)
 
-    metrics: dict[str, MetricValue] = {"score": _mean_stderr([s["metrics"]["score"] for s in samples])}
+    metrics: dict[str, MetricValue] = {"score": MetricValue.mean_of([s["metrics"]["score"] for s in samples])}
     for length in cfg.lengths:
-        metrics[f"score@{length}"] = _mean_stderr([s["metrics"]["score"] for s in samples
+        metrics[f"score@{length}"] = MetricValue.mean_of([s["metrics"]["score"] for s in samples
                                                    if s["context_len"] == length])
     for task in cfg.subtasks:
-        metrics[task] = _mean_stderr([s["metrics"]["score"] for s in samples if s["subtask"] == task])
+        metrics[task] = MetricValue.mean_of([s["metrics"]["score"] for s in samples if s["subtask"] == task])
         if len(cfg.lengths) > 1:
             for length in cfg.lengths:
-                metrics[f"{task}@{length}"] = _mean_stderr([s["metrics"]["score"] for s in samples
+                metrics[f"{task}@{length}"] = MetricValue.mean_of([s["metrics"]["score"] for s in samples
                                                             if s["subtask"] == task and s["context_len"] == length])
     extra = {
         "seed": seed, "samples_per_task": n, "subtasks": list(cfg.subtasks), "lengths": list(cfg.lengths),

@@ -14,7 +14,7 @@ metrics ``kl_mean``, ``top1_agree``, ``nll_mean``) and one per greedy prompt (``
 metric ``greedy_agree_tokens``), with ``doc_id`` numbering positions first, then prompts; the same
 task settings give the same ``doc_id`` for the same position under every KV format. A per-sample
 metric is named after the cell metric it averages into (as lm-eval's per-sample ``acc`` averages
-into ``acc``), so paired deltas from :func:`nvfp4kv.stats.paired_table` line up with the table.
+into ``acc``), so paired deltas from :func:`nvfp4kv.analysis.compare` line up with the table.
 
 Task YAML keys (defaults in :class:`FidelitySettings`): ``context_lens``, ``n_score``, ``n_windows``,
 ``score_chunk``, ``greedy_prompts``, ``greedy_prompt_len``, ``greedy_tokens``, ``capture_tokens``
@@ -25,7 +25,6 @@ unused (every input is a fixed slice of the essays).
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -106,13 +105,6 @@ def _kv_config(kv: Any) -> Any:
     raise ConfigError(f"fidelity needs a KVCacheConfig (or its dict / a format name), got {type(kv).__name__}.")
 
 
-def _mean_metric(values: Sequence[float]) -> MetricValue:
-    n = len(values)
-    mean = float(sum(values) / n)
-    stderr = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
-    return MetricValue(mean, stderr, n)
-
-
 def _quantile(values: Sequence[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
@@ -159,13 +151,13 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
     top1 = [s["metrics"]["top1_agree"] for s in samples]
     nlls = [s["metrics"]["nll_mean"] for s in samples]
     metrics: dict[str, MetricValue] = {
-        "kl_mean": _mean_metric(kls),
+        "kl_mean": MetricValue.mean_of(kls),
         "kl_p99": MetricValue(_quantile(kls, 0.99), None, len(kls)),
-        "top1_agree": _mean_metric(top1),
-        "nll_mean": _mean_metric(nlls),
+        "top1_agree": MetricValue.mean_of(top1),
+        "nll_mean": MetricValue.mean_of(nlls),
     }
     for length, values in by_length.items():
-        nll = _mean_metric(values)
+        nll = MetricValue.mean_of(values)
         ppl = math.exp(nll.value)
         metrics[f"ppl@{length}"] = MetricValue(ppl, ppl * nll.stderr if nll.stderr is not None else None, nll.n)
 
@@ -184,7 +176,7 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
             "metrics": {"greedy_agree_tokens": float(agree)},
         })
     if agreements:
-        metrics["greedy_agree_tokens"] = _mean_metric(agreements)
+        metrics["greedy_agree_tokens"] = MetricValue.mean_of(agreements)
 
     extra: dict[str, Any] = {"settings": {f.name: getattr(settings, f.name) for f in fields(settings)},
                              "method": "decode-faithful, chunk-wise (score_chunk tokens per forward) vs DynamicCache"}
@@ -196,8 +188,8 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
         for kind in ("k", "v"):
             sq = [r["sqnr_db"] for r in rows if r["kind"] == kind and r["sqnr_db"] is not None]
             if sq:
-                metrics[f"sqnr_db_{kind}"] = _mean_metric(sq)
-            metrics[f"attn_rel_err_{kind}"] = _mean_metric([r["attn_rel_err"] for r in rows if r["kind"] == kind])
+                metrics[f"sqnr_db_{kind}"] = MetricValue.mean_of(sq)
+            metrics[f"attn_rel_err_{kind}"] = MetricValue.mean_of([r["attn_rel_err"] for r in rows if r["kind"] == kind])
     return CellResult(metrics=metrics, samples=samples, extra=extra)
 
 
