@@ -20,7 +20,10 @@ from nvfp4kv.eval.lm import KVQuantLM, parse_kv
 from nvfp4kv.models import ModelBundle, load_model
 
 #: summed log-prob tolerance for BF16 forwards that differ only in chunking (measured max: see test)
-BF16_TOLERANCE = 0.15
+#: BF16 split (prefill + chunk) vs single forward: rounding depends on the CPU's BF16 matmul kernels
+#: (measured max 0.075 on one machine, 0.191 on another on 2026-12-01); the split itself is exact
+#: in fp32 (test_decode_faithful_split_reproduces_a_single_forward), which is the real check.
+BF16_TOLERANCE = 0.3
 
 CONTEXTS = [
     "Question: Which planet is known as the Red Planet?\nA. Venus\nB. Mars\nC. Jupiter\nD. Saturn\nAnswer:",
@@ -139,7 +142,7 @@ def test_decode_faithful_split_reproduces_a_single_forward(bundle: ModelBundle,
 def test_decode_faithful_bf16_kv_matches_plain_hflm(bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real BF16 KV cache on the BF16 model: bit-identical to scoring through a plain
     ``DynamicCache``, and equal to HFLM's single forward up to BF16 rounding (the chunked and
-    single-forward paths round attention differently; measured max 0.075 here)."""
+    single-forward paths round attention differently; see BF16_TOLERANCE)."""
     from transformers import DynamicCache
 
     got, want = _compare_with_hflm(bundle.model, bundle.tokenizer)
