@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from nvfp4kv.formats import get_format
 from nvfp4kv.formats.sqnr import sqnr_db
+from nvfp4kv.results import atomic_write_text
 
 SHAPE = (1, 8, 4096, 128)
 OUTLIER_CHANNELS_PER_HEAD = 4
@@ -104,11 +104,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Readers see the old file or the new one, never half of one (``*.tmp`` is git-ignored)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    """Readers see the old file or the new one, never half of one (:func:`nvfp4kv.results.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nvfp4kv.errors import ConfigError, NVFP4KVError
+from nvfp4kv.results import atomic_write_text
 
 OFFLINE_PREFIX = "offline:"
 MODEL_CACHE_ENV = "NVFP4KV_MODEL_CACHE"
@@ -225,18 +226,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` as indented JSON, written with :func:`nvfp4kv.results.atomic_write_text`."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def _normalize(name: str) -> str:

@@ -112,12 +112,25 @@ def test_load_results_is_tidy_and_matches_the_cells(run_a: Path) -> None:
 
 
 def test_load_results_agrees_with_the_runners_results_csv(run_a: Path) -> None:
-    df = A.load_results(run_a)
+    """results.csv is checked against the cell JSONs themselves (both it and ``load_results`` come
+    from ``tidy_frame``, so comparing the two alone would compare that function with itself)."""
     csv = pd.read_csv(run_a / "results.csv")
     key = ["task", "metric", "kv"]
-    merged = csv.merge(df, on=key, suffixes=("_csv", ""))
-    assert len(merged) == len(csv) == len(df)
-    np.testing.assert_allclose(merged["value_csv"], merged["value"])
+    expected = pd.DataFrame([
+        {"task": c["task"], "metric": metric, "kv": c["kv"], "run_id": c["run_id"], "model": c["model"],
+         "k_format": c["kv_config"]["k_format"], "v_format": c["kv_config"]["v_format"],
+         "bits_per_element": c["bits_per_element"], "value": m["value"], "stderr": m["stderr"], "n": m["n"]}
+        for c in _cells(run_a) for metric, m in c["metrics"].items()
+    ])
+    merged = expected.merge(csv, on=key, suffixes=("", "_csv"), validate="one_to_one")
+    assert len(merged) == len(csv) == len(expected)  # one row per cell x metric, none extra
+    for column in ("run_id", "model", "k_format", "v_format"):
+        assert merged[column].tolist() == merged[f"{column}_csv"].tolist(), column
+    for column in ("bits_per_element", "value", "stderr", "n"):
+        np.testing.assert_allclose(merged[f"{column}_csv"].to_numpy(float), merged[column].to_numpy(float),
+                                   err_msg=column)  # null in JSON, empty in CSV: both NaN
+    df = A.load_results(run_a)  # and the loader reads the same numbers back
+    np.testing.assert_allclose(csv.merge(df, on=key, suffixes=("_csv", ""))["value"], csv["value"])
 
 
 def test_load_results_merges_runs(root: Path) -> None:
@@ -317,7 +330,16 @@ def test_plot_retrieval_heatmaps_show_the_grid(run_a: Path) -> None:
     assert len(images) == len(KVS)
     expected = grid[grid.kv == "nvfp4"].pivot_table(index="depth", columns="context_len", values="acc").to_numpy()
     np.testing.assert_array_equal(images[2], expected)  # panels in display order: bf16, fp8, nvfp4
-    assert isinstance(A.plot_retrieval_by_length(grid), Figure)
+    # by length: one line per format in display order, the accuracy pooled over depths (weighted by
+    # trials), recomputed from the cells' own grids
+    lines = A.plot_retrieval_by_length(grid).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == list(KVS)
+    for kv, line in zip(KVS, lines):
+        cell_grid = json.loads((run_a / "cells" / f"{MODEL}__passkey__{kv}.json").read_text())["extra"]["grid"]
+        pooled = [sum(g["acc"] * g["n"] for g in cell_grid if g["context_len"] == L)
+                  / sum(g["n"] for g in cell_grid if g["context_len"] == L) for L in sorted(CONTEXT_LENS)]
+        assert line.get_xdata().tolist() == sorted(CONTEXT_LENS), kv
+        np.testing.assert_allclose(line.get_ydata(), pooled, err_msg=kv)
 
 
 def test_wilson_interval_by_hand() -> None:

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from nvfp4kv.cache import KVCacheConfig
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.eval import sweep as sweep_mod
+from nvfp4kv.formats import format_class
 from nvfp4kv.models import ModelSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -54,16 +55,37 @@ def test_every_sweep_composes_into_valid_kv_configs(name):
 @pytest.mark.skipif(not HAVE_DATA, reason="needs NVFP4KV_DATA_DIR (local GSM8K/MMLU) to validate lm-eval tasks offline")
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_sweep_plans_without_a_model(name):
-    """Task validation (keys, local data files, offline hub) passes for the shipped sweeps."""
-    plan = sweep_mod.plan_sweep(compose_cfg(f"+sweep={name}", "run_dir=/tmp/unused"))
-    assert plan.tasks and plan.kvs
+    """Task validation (keys, local data files, offline hub) passes for the shipped sweeps, and the
+    plan holds exactly the composed sweep: its tasks with their kinds and limits, its KV configs in
+    order, and for each lm-eval task the local data it will read (source and hash)."""
+    cfg = compose_cfg(f"+sweep={name}", "run_dir=/tmp/unused")
+    plan = sweep_mod.plan_sweep(cfg)
+    assert plan.sweep_name == name and plan.run_dir == Path("/tmp/unused").resolve()
+    assert [t.name for t in plan.tasks] == list(cfg.tasks)
+    for task in plan.tasks:
+        composed = cfg.tasks[task.name]
+        assert task.kind == composed.kind and task.config["name"] == task.name
+        assert task.limit == (composed.get("limit") if composed.get("limit") is not None else cfg.limit)
+        if task.kind == "lm_eval":  # HAVE_DATA: read from $NVFP4KV_DATA_DIR, hashed for the run identity
+            data = task.data or {}
+            assert data.get("source") == f"local:{Path(os.environ['NVFP4KV_DATA_DIR']).resolve()}", task.name
+            assert len(data.get("sha256") or "") == 64, task.name
+    assert list(plan.kvs) == list(cfg.kvs)
+    assert all(plan.kvs[label] == KVCacheConfig.from_dict(cfg.kvs[label]) for label in cfg.kvs)
 
 
 @pytest.mark.parametrize("name", KV_CONFIGS)
 def test_every_kv_config_is_a_valid_cache_config(name):
+    """Every key of the YAML reaches the KVCacheConfig unchanged (K/V options on top of the format's
+    own defaults, as KIVI's), so no key is silently dropped, renamed or defaulted."""
     cfg = compose_cfg("+sweep=smoke", f"+kv@kvs.extra={name}")
-    kv = KVCacheConfig.from_dict(cfg.kvs.extra)
-    assert kv.to_dict()["k_format"] == cfg.kvs.extra.k_format
+    written = OmegaConf.to_container(cfg.kvs.extra, resolve=True)
+    kv = KVCacheConfig.from_dict(cfg.kvs.extra).to_dict()
+    assert set(kv) == set(written)
+    for side in ("k", "v"):
+        defaults = dict(format_class(written[f"{side}_format"]).default_options.get(side, {}))
+        assert kv.pop(f"{side}_options") == {**defaults, **written.pop(f"{side}_options")}, side
+    assert kv == written
 
 
 def test_kv_configs_mean_what_their_names_say():
@@ -167,7 +189,10 @@ def test_local_model_needs_a_path():
 
 def test_run_dirs_do_not_collide_but_are_stable_within_a_run():
     first, second = compose_cfg("+sweep=smoke"), compose_cfg("+sweep=smoke")
-    assert first.run_dir == first.run_dir  # resolvers are cached per config: one run, one dir
+    # every attribute access re-resolves the interpolation; the uid resolver is cached per config,
+    # so a run sees one dir (an uncached resolver gives a new random suffix on each access)
+    once, again = first.run_dir, first.run_dir
+    assert once == again == f"results/runs/smoke/{first.run_id}"
     assert first.run_dir != second.run_dir  # same second, different random suffix
     assert first.run_dir.startswith("results/runs/smoke/")
     resolved = sweep_mod.resolve_config(first)

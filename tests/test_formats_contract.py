@@ -8,6 +8,7 @@ parts really take equals ``bits_per_element``.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -46,11 +47,21 @@ def test_formats_are_frozen_hashable_and_pass_through() -> None:
         get_format("nvfp4", name="fp8_e4m3")  # the name is not an option
 
 
-@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "int4"])
-def test_bad_option_values_are_refused(name: str) -> None:
-    bad = {"nvfp4": {"tiny_scale": "one"}, "mxfp4": {"nonfinite": "map", "x": 1},
-           "int4": {"axis": "head"}}[name]
-    with pytest.raises((ValueError, TypeError)):
+@pytest.mark.parametrize(("name", "good", "bad", "error", "message"), [
+    ("nvfp4", {"tiny_scale": "modelopt"}, {"tiny_scale": "one"}, ValueError,
+     "nvfp4 option tiny_scale must be 'zero' or 'modelopt', got 'one'"),
+    ("mxfp4", {"nonfinite": "map"}, {"nonfinite": "bogus"}, ValueError,
+     "nonfinite='bogus' is not supported; use one of raise, map, keep"),
+    ("int4", {"axis": "channel"}, {"axis": "head"}, ValueError, "int4 option axis must be 'token' or 'channel', got 'head'"),
+    ("fp8_e4m3", {"scaling": "token"}, {"scaling": "bogus"}, ValueError, "fp8_e4m3 option scaling must be one of"),
+    ("mxfp4", {}, {"x": 1}, TypeError, "unexpected keyword argument 'x'"),  # an unknown option is no option
+], ids=["nvfp4-tiny_scale", "mxfp4-nonfinite", "int4-axis", "fp8-scaling", "mxfp4-unknown"])
+def test_bad_option_values_are_refused(name: str, good: dict, bad: dict, error: type, message: str) -> None:
+    """Each bad value is refused by its own check, naming the option, the value and the valid ones;
+    the valid value of the same option is accepted and kept."""
+    fmt = get_format(name, **good)
+    assert all(getattr(fmt, key) == value for key, value in good.items())
+    with pytest.raises(error, match=re.escape(message)):
         get_format(name, **bad)
 
 

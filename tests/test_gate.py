@@ -93,6 +93,7 @@ def test_missing_units_and_formats_fail():
 def test_bonferroni_over_checks_and_tails():
     s = _series([0.1, 0.2])
     checks = compare_runs({f: {"m": s, "n": s} for f in "abc"}, {f: {"m": s, "n": s} for f in "abc"}, alpha=0.06)
+    assert len(checks) == 6  # 3 formats x 2 metrics: 6 checks x 2 tails = the 12 of the Bonferroni divisor
     assert all(c.alpha == pytest.approx(0.06 / 12) for c in checks)
 
 

@@ -123,6 +123,12 @@ def test_f2_the_identity_records_versions_commit_device_and_data(tmp_path):
                 "nvfp4kv.git_dirty"):
         assert key in fields, key
     assert fields["device_kind"] == "cpu"
+    import torch
+    import transformers
+
+    assert fields["versions.torch"] == torch.__version__ and fields["versions.transformers"] == transformers.__version__
+    assert fields["seed"] == 1234 and fields["model.dtype"] == "bfloat16"
+    assert fields["nvfp4kv.git_commit"] == ident.git_state()[0]
 
 
 def test_f2_a_changed_harness_version_is_refused_unless_explicitly_allowed(tmp_path, monkeypatch):

@@ -77,12 +77,21 @@ def test_subjects_only_apply_to_mmlu() -> None:
 
 # ---------------------------------------------------------------------------- task names
 def test_gsm8k_and_mmlu_names_skip_lm_evals_task_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_index():
-        raise AssertionError("indexed lm-eval's tasks for a built-in name")
+    indexed: list[str] = []
 
-    monkeypatch.setattr(task_checks, "lm_eval_task_names", no_index)
+    def small_index() -> frozenset[str]:
+        indexed.append("index")
+        return frozenset({"alpha_task"})
+
+    monkeypatch.setattr(task_checks, "lm_eval_task_names", small_index)
     for name in ("gsm8k", "gsm8k_cot", "gsm8k_cot_zeroshot", "mmlu", "mmlu_anatomy"):
         task_checks.check_task_name(name)
+    assert indexed == []  # accepted without building lm-eval's task index
+    # the shortcut is for those names only: any other name is looked up, and refused if unknown
+    task_checks.check_task_name("alpha_task")
+    with pytest.raises(ConfigError, match="lm_eval_task='mmlu_x_gsm8k' is not an lm-eval task"):
+        task_checks.check_task_name("mmlu_x_gsm8k")
+    assert indexed == ["index", "index"]
 
 
 def test_unknown_task_name_lists_close_matches() -> None:
@@ -158,7 +167,8 @@ def test_few_shot_pool_too_small_for_num_fewshot(data_copy: Path) -> None:
     """MMLU's dev split has 5 questions per subject, in the full data too."""
     refusal(ConfigError, {"lm_eval_task": "mmlu", "subjects": ["marketing"], "num_fewshot": 6},
             "num_fewshot=6", "MMLU dev split", "set num_fewshot <= 5")
-    check_lm_eval_task({"lm_eval_task": "mmlu", "subjects": ["marketing"], "num_fewshot": 5}, limit=None)
+    prepared = check_lm_eval_task({"lm_eval_task": "mmlu", "subjects": ["marketing"], "num_fewshot": 5}, limit=None)
+    assert prepared.data_source == f"local:{data_copy}" and prepared.task_name == "mmlu_local"
 
 
 def test_a_full_local_directory_takes_any_limit(data_copy: Path) -> None:

@@ -18,13 +18,12 @@ import difflib
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nvfp4kv.errors import ConfigError, DatasetNotFoundError
+from nvfp4kv.results import atomic_write_text
 
 _NAMES_CACHE_DIR = "lm_eval_task_names"
 
@@ -81,11 +80,7 @@ def lm_eval_task_names() -> frozenset[str]:
     include = str(OWN_TASKS_DIR) if OWN_TASKS_DIR.is_dir() else None
     names = frozenset(TaskManager(include_path=include, include_defaults=True).all_tasks)
     try:  # best effort: a read-only home only costs the next process the index again
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=cache_file.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(sorted(names), handle)
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(sorted(names)))
     except OSError:
         pass
     return names
