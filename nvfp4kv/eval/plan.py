@@ -12,8 +12,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from nvfp4kv.errors import ConfigError, NVFP4KVError
+from nvfp4kv.eval.config_resolvers import (  # noqa: F401  (re-exported: sweep.py, tests)
+    CONFIG_DIR,
+    _default_data_dir,
+    available_sweeps,
+    missing_sweep_message,
+    register_resolvers,
+)
+from nvfp4kv.eval.preflight import _check_shard, check_model_location, check_writable
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
 
 #: module that registers each built-in task kind; imported only when a sweep uses that kind
 TASK_KIND_MODULES: dict[str, str] = {
@@ -39,80 +44,6 @@ TASK_KIND_MODULES: dict[str, str] = {
 #: ``limit`` (documents, else the top-level ``limit``) and ``module`` (a module to import first,
 #: so a task family of your own registers itself: ``+tasks.x={kind:my_kind,module:my_pkg.tasks}``)
 RUNNER_TASK_KEYS = ("limit", "module")
-
-
-# ---------------------------------------------------------------------------- resolvers
-def _uid() -> str:
-    """6 hex digits: with the timestamp's seconds, two runs started together get distinct dirs."""
-    return secrets.token_hex(3)
-
-
-def _job_suffix() -> str:
-    """``-<job number>`` inside a Hydra multirun job (each job gets its own run dir), else ``""``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        return ""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return f"-{HydraConfig.get().job.num}"
-    return ""
-
-
-def _sweep_name(*, _root_: DictConfig) -> str:
-    if "sweep" not in _root_ or not OmegaConf.select(_root_, "sweep.name"):
-        raise ConfigError(missing_sweep_message())
-    return str(_root_.sweep.name)
-
-
-def _default_data_dir() -> str | None:
-    """``$NVFP4KV_DATA_DIR``, else a ``shared/data`` directory beside this checkout, else None (the hub).
-
-    Why: an offline machine set up like this project's CI keeps the benchmark data at
-    ``../shared/data``; finding it there lets the README's quick start run with no extra setup,
-    while a user with neither gets the hub, the normal path.
-    """
-    env = os.environ.get("NVFP4KV_DATA_DIR")
-    if env:
-        return env
-    from nvfp4kv.eval.data import shared_data_dir
-
-    beside = shared_data_dir()
-    return str(beside) if beside is not None else None
-
-
-def register_resolvers() -> None:
-    """Resolvers the configs use. ``nvfp4kv.uid`` is cached per config object, like Hydra's
-    ``now``: Hydra's run dir and the runner resolve ``run_dir`` to the same directory."""
-    OmegaConf.register_new_resolver("nvfp4kv.uid", _uid, use_cache=True, replace=True)
-    OmegaConf.register_new_resolver("nvfp4kv.job_suffix", _job_suffix, replace=True)
-    OmegaConf.register_new_resolver("nvfp4kv.sweep_name", _sweep_name, replace=True)
-    OmegaConf.register_new_resolver("nvfp4kv.default_data_dir", _default_data_dir, replace=True)
-
-
-register_resolvers()
-
-
-def available_sweeps(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
-    """Sweep names in ``configs/sweep/`` with their ``sweep.description``."""
-    import yaml
-
-    sweeps: dict[str, str] = {}
-    for path in sorted((config_dir / "sweep").glob("*.yaml")):
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            data = {}
-        sweeps[path.stem] = str((data.get("sweep") or {}).get("description", ""))
-    return sweeps
-
-
-def missing_sweep_message(config_dir: Path = CONFIG_DIR) -> str:
-    listing = "\n".join(f"  {name:<14} {desc}" for name, desc in available_sweeps(config_dir).items())
-    return (
-        "No sweep selected. Run `python -m experiments.run +sweep=<name>` (note the `+`: a sweep is "
-        f"appended to the config) with one of:\n{listing}"
-    )
 
 
 # ---------------------------------------------------------------------------- plan
@@ -285,66 +216,6 @@ def _model_spec(model_cfg: Any) -> Any:
     spec = ModelSpec(**{k: (dict(v) if k == "extra" and v is not None else v) for k, v in model_cfg.items()})
     check_model_location(spec)
     return spec
-
-
-_PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-def check_model_location(spec: Any) -> None:
-    """Refuse, before loading, a model that cannot be found: a missing local directory, or a hub
-    id while the hub is offline and the id is not in the local HuggingFace cache.
-
-    Why here: loading a model takes from seconds to minutes, and the failure it ends in is a long
-    transformers traceback; this check costs milliseconds and names the fix.
-    """
-    name = str(spec.name_or_path)
-    if name.startswith(("embedded:", "offline:")):
-        return  # resolved (and checked) by nvfp4kv.models / nvfp4kv.model_sources
-    path = Path(name).expanduser()
-    if name.startswith(_PATH_PREFIXES) or path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"model.name_or_path={name!r}: no such directory. Point it at a HuggingFace model "
-                              f"directory (with config.json), or use the embedded model (model=smollm2).")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path={name!r} has no config.json: it is not a HuggingFace model "
-                              f"directory. Point it at the directory save_pretrained wrote.")
-        return
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(name, spec.revision):
-        raise ConfigError(
-            f"model.name_or_path={name!r} is a hub id, HF_HUB_OFFLINE=1 is set and the id is not in the local "
-            f"HuggingFace cache: unset HF_HUB_OFFLINE, or use a local HF directory (model=local "
-            f"model.name_or_path=/path) or the embedded model (model=smollm2)."
-        )
-
-
-def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        return True
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:  # an invalid repo id: let the loader say what is wrong with it
-        return False
-    return isinstance(found, str)
-
-
-def check_writable(run_dir: Path) -> None:
-    """The run directory (or its nearest existing parent) must be writable: found now, not after an hour."""
-    probe = run_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"run_dir={run_dir}: {probe} is not a writable directory. Set run_dir= to a directory "
-                          f"you can write to.")
-
-
-def _check_shard(shard: Any, num_shards: Any) -> tuple[int, int]:
-    if (isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
-            or isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards):
-        raise ConfigError(f"shard={shard!r} num_shards={num_shards!r}: need integers with 0 <= shard < num_shards "
-                          f"(e.g. -m shard=0,1,2 num_shards=3).")
-    return shard, num_shards
 
 
 def resolve_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
