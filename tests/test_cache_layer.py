@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nvfp4kv.cache import KVCacheConfig, PackedKVLayer, QuantizedKVCache
+from nvfp4kv.cache import KVCacheConfig, PackedKVLayer, QuantizedKVCache, cache_kwarg_name
 from nvfp4kv.errors import NonFiniteKVError
 from nvfp4kv.formats import available_formats, get_format
 from nvfp4kv.formats.conventions import from_decode_scale
@@ -388,3 +388,72 @@ def test_nonfinite_map_stores_the_mapping():
     cache.update(k, v, 0)
     back = layer0(cache).k_stream.read(torch.float32)
     assert torch.isfinite(back).all() and back[0, 0, 1, 0] == 0
+
+
+def test_append_tokens_equals_cat_and_never_changes_earlier_views() -> None:
+    from nvfp4kv.cache.parts import append_tokens
+
+    g = torch.Generator().manual_seed(5)
+    buffers: dict[str, torch.Tensor] = {}
+    stored, expected, views = None, None, []
+    for t in (7, 1, 1, 3, 1, 1, 1, 9, 1):
+        new = torch.randn(2, 3, t, 4, generator=g)
+        stored = append_tokens(buffers, "x", stored, new)
+        expected = new.clone() if expected is None else torch.cat([expected, new], dim=2)
+        assert torch.equal(stored, expected)
+        views.append((stored, expected.clone()))
+    for view, value in views:  # later appends wrote only past each view's end
+        assert torch.equal(view, value)
+    # a tensor that is not a prefix view of the buffer (a crop's clone, a restore) gets a new buffer
+    cropped = stored[:, :, :5].clone()
+    again = append_tokens(buffers, "x", cropped, torch.ones(2, 3, 1, 4))
+    assert again.data_ptr() != stored.data_ptr()
+    assert torch.equal(again, torch.cat([cropped, torch.ones(2, 3, 1, 4)], dim=2))
+    assert torch.equal(views[-1][0], views[-1][1])
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "nvfp4"])
+@pytest.mark.parametrize("dequant_cache", [False, True])
+def test_decode_steps_append_in_place_without_recopying_history(fmt: str, dequant_cache: bool) -> None:
+    """Per-step cost does not grow with context: single-token steps write into spare capacity
+    (a new buffer only O(log T) times) and store exactly what one-shot concatenation stores."""
+    cfg = KVCacheConfig(k_format=fmt, v_format=fmt, dequant_cache=dequant_cache)
+    cache = QuantizedKVCache(cfg)
+    k, v = kv(40, seed=9)
+    cache.update(k[:, :, :8], v[:, :, :8], 0)
+    layer = cache.layers[0]
+    buffers = set()
+    for i in range(8, 40):
+        cache.update(k[:, :, i : i + 1], v[:, :, i : i + 1], 0)
+        buffers.add(next(iter(layer.k_stream.parts.values())).data_ptr())
+    assert len(buffers) <= 3  # 8 -> 16 -> 32 -> 64 tokens
+    reference = QuantizedKVCache(cfg)
+    reference.update(k[:, :, :8], v[:, :, :8], 0)
+    fmt_obj = layer.k_stream.fmt
+    scale = reference.layers[0].k_stream.scale
+    expected = fmt_obj.quantize(k, scale)
+    for name, part in layer.k_stream.parts.items():
+        assert torch.equal(part, expected[name])
+    keys, _ = cache.update(k[:, :, :1], v[:, :, :1], 0)
+    assert torch.equal(keys[:, :, :40], fmt_obj.dequantize(expected, scale, torch.float32))
+
+
+def test_reserved_capacity_of_growth_buffers_is_reported_not_hidden():
+    """Appends double buffer capacity; memory_report must show that capacity (reserved_bytes)
+    separately from what the format stores (k/v_bytes), and it must be exactly allocated - used."""
+    from nvfp4kv.cache import KVCacheConfig, make_cache
+    from nvfp4kv.testing import tiny_llama
+
+    model = tiny_llama()
+    cache = make_cache(model, KVCacheConfig(k_format="nvfp4", v_format="nvfp4", dequant_cache=False))
+    ids = torch.arange(1, 17).unsqueeze(0)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                   **{cache_kwarg_name(model): cache})
+    stream = cache.layers[0].k_stream
+    allocated = sum(b.numel() * b.element_size() for b in stream._buffers.values())
+    used = sum(t.numel() * t.element_size() for t in stream.parts.values())
+    if stream.scale_record is not None:
+        used += stream.scale_record.numel() * stream.scale_record.element_size()
+    assert stream.reserved_nbytes() == allocated - used
+    assert stream.reserved_nbytes() > 0  # 16 prompt tokens, then one-token appends: capacity was doubled
+    assert cache.reserved_nbytes() == sum(row["reserved_bytes"] for row in cache.memory_report()) > 0

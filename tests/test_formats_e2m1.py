@@ -94,3 +94,33 @@ def test_rne_code_is_a_nearest_grid_point_with_even_ties(y: float) -> None:
     nearest = [i for i, dist in enumerate(distances) if dist == best]
     assert code & 7 == (nearest[0] if len(nearest) == 1 else [i for i in nearest if i % 2 == 0][0])
     assert (code >> 3) == (1 if y < 0 else 0)
+
+
+def _loop_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """The threshold-by-threshold definition (what the one-comparison path must equal)."""
+    from nvfp4kv.formats.e2m1 import E2M1_BOUNDS, E2M1_TIE_ROUNDS_UP
+
+    code = torch.zeros(a.shape, dtype=torch.uint8)
+    for bound, tie_up in zip(E2M1_BOUNDS, E2M1_TIE_ROUNDS_UP):
+        code += ((a >= bound) if tie_up else (a > bound)).to(torch.uint8)
+    return code
+
+
+def test_one_comparison_magnitude_equals_the_threshold_loop() -> None:
+    from nvfp4kv.formats.e2m1 import E2M1_BOUNDS, E2M1_MAGNITUDES, rne_e2m1_magnitude
+
+    centres = torch.tensor(E2M1_BOUNDS + E2M1_MAGNITUDES + (6.5, 1e30), dtype=torch.float32).view(torch.int32)
+    near = torch.cat([(centres + k).view(torch.float32) for k in range(-3, 4)])
+    g = torch.Generator().manual_seed(3)
+    rand = torch.rand(200_000, generator=g) * 7
+    special = torch.tensor([0.0, -0.0, 1e-45, float("inf"), float("nan")])
+    a = torch.cat([near, rand, special])
+    assert torch.equal(rne_e2m1_magnitude(a), _loop_magnitude(a))
+    assert torch.equal(rne_e2m1_magnitude(a.reshape(1, -1)), _loop_magnitude(a).reshape(1, -1))
+
+
+def test_packed_decode_equals_unpack_then_decode_for_every_byte() -> None:
+    from nvfp4kv.formats.e2m1 import decode_packed_e2m1
+
+    packed = torch.arange(256, dtype=torch.uint8).reshape(4, 8, 8)
+    assert torch.equal(decode_packed_e2m1(packed), decode_e2m1(unpack_nibbles(packed)))

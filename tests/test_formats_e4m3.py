@@ -95,3 +95,45 @@ def test_paths_agree_and_never_nan_for_any_finite_or_infinite_float(v: float) ->
     ours = float_to_e4m3_bits(x)
     assert torch.equal(ours, float_to_e4m3_bits_torch(x))
     assert not e4m3_bits_to_float(ours).isnan().any()
+
+
+def _e4m3_boundary_inputs() -> torch.Tensor:
+    """Every E4M3 value, every midpoint between neighbours (the ties, up to the 448/512 tie
+    beyond the grid), each +-1 and +-2 FP32 ulp, both signs, plus zeros, FP32 subnormals,
+    the E4M3 underflow edge 2^-10, huge values, Inf and NaN."""
+    finite = sorted({abs(v) for v in (e4m3_bits_to_float(torch.arange(256, dtype=torch.uint8))).tolist()
+                     if not math.isnan(v)})
+    grid = torch.tensor(finite + [512.0], dtype=torch.float64)
+    mids = (grid[:-1] + grid[1:]) / 2  # exact in FP32: the ties
+    centres = torch.cat([grid, mids, torch.tensor([2.0**-10, 2.0**-11, 480.0, 464.0, 3.4e38, 1e-45, 1e-40])]).float()
+    bits = centres.view(torch.int32)
+    around = torch.cat([(bits + k).view(torch.float32) for k in (-2, -1, 0, 1, 2)])
+    around = around[around >= 0]
+    special = torch.tensor([0.0, float("inf"), float("nan")])
+    values = torch.cat([around, special])
+    return torch.cat([values, -values])
+
+
+def test_fast_path_equals_the_integer_definition_on_every_boundary_and_tie() -> None:
+    from nvfp4kv.formats.e4m3 import float_to_e4m3_bits_fast
+
+    x = _e4m3_boundary_inputs()
+    assert x.numel() > 2000
+    assert torch.equal(float_to_e4m3_bits_fast(x), float_to_e4m3_bits(x))
+
+
+def test_fast_path_equals_the_integer_definition_on_a_million_random_values() -> None:
+    from nvfp4kv.formats.e4m3 import float_to_e4m3_bits_fast
+
+    g = torch.Generator().manual_seed(11)
+    bit_patterns = torch.randint(-(2**31), 2**31, (500_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    in_range = (torch.rand(500_000, generator=g) * 2 - 1) * torch.exp2(torch.randint(-12, 10, (500_000,), generator=g).float())
+    for x in (bit_patterns, in_range):
+        assert torch.equal(float_to_e4m3_bits_fast(x), float_to_e4m3_bits(x))
+
+
+def test_fast_path_keeps_the_nan_sign_of_the_definition() -> None:
+    from nvfp4kv.formats.e4m3 import float_to_e4m3_bits_fast
+
+    nans = torch.tensor([0x7FC00000, 0x7F800001, -0x00400000, -0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    assert torch.equal(float_to_e4m3_bits_fast(nans), float_to_e4m3_bits(nans))

@@ -145,9 +145,14 @@ class QuantizedKVCache(Cache):
         """Extra bytes the ``dequant_cache`` fast path holds (dequantized copies); 0 when off."""
         return sum(row["fastpath_bytes"] for row in self.memory_report())
 
+    def reserved_nbytes(self) -> int:
+        """Bytes the growth buffers hold ahead of the stored tokens (appends double capacity when full)."""
+        return sum(row["reserved_bytes"] for row in self.memory_report())
+
     def memory_report(self) -> list[dict[str, Any]]:
         """One dict per layer: kind, formats, tokens, k_bytes, v_bytes, measured bits_per_element,
-        the formats' nominal bits, what BF16 would hold (bf16_bytes), and fastpath_bytes."""
+        the formats' nominal bits, what BF16 would hold (bf16_bytes), fastpath_bytes, and
+        reserved_bytes (growth-buffer capacity allocated ahead of the tokens, not in k/v_bytes)."""
         return [layer_memory(layer, idx) for idx, layer in enumerate(self.layers)]
 
     def __repr__(self) -> str:

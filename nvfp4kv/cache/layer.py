@@ -264,6 +264,10 @@ class PackedKVLayer(DynamicLayer):
     def fastpath_nbytes(self) -> int:
         return self.k_stream.fastpath_nbytes() + self.v_stream.fastpath_nbytes()
 
+    def reserved_nbytes(self) -> int:
+        """Spare capacity of the growth buffers (allocated, holding no token yet)."""
+        return self.k_stream.reserved_nbytes() + self.v_stream.reserved_nbytes()
+
 
 def _cat_tokens(pieces: list[torch.Tensor]) -> torch.Tensor | None:
     if not pieces:

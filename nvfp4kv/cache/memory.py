@@ -59,6 +59,7 @@ def packed_layer_memory(layer: PackedKVLayer) -> dict[str, Any]:
         "v_format_bits": layer.v_format.bits_per_element(d_v) if d_v else float("nan"),
         "bf16_bytes": BF16_BYTES * (k_el + v_el),
         "fastpath_bytes": layer.fastpath_nbytes(),
+        "reserved_bytes": layer.reserved_nbytes(),
     }
 
 
@@ -82,6 +83,7 @@ def plain_layer_memory(layer: Any, layer_idx: int) -> dict[str, Any]:
         "v_format_bits": values.element_size() * 8 if values is not None else float("nan"),
         "bf16_bytes": BF16_BYTES * elements,
         "fastpath_bytes": 0,
+        "reserved_bytes": 0,
     }
 
 

@@ -13,9 +13,15 @@ token group is available; it is quantized exactly once and its codes never chang
 (``prefill`` freezes it at the first write, ``dynamic`` records one per write, ``static`` is
 given) because the format itself is stateless.
 
-Every write rebinds attributes to new tensors (``torch.cat``, slices that are cloned) and
-never writes into a stored tensor in place; :meth:`PackedStream.snapshot` /
-:meth:`PackedStream.restore` rely on that to undo a failed write exactly (an atomic update).
+Every write rebinds attributes to new tensors and never changes a stored token's bytes in
+place: the growing tensors (parts, the dynamic scale record, the fast path's dequantized copy)
+live in preallocated buffers with spare capacity (:func:`~nvfp4kv.cache.parts.append_tokens`,
+doubling), and an append writes only past the used length, then rebinds the attribute to the
+longer view; sink and pending (bounded by the windows) are concatenated. So a step costs
+O(new tokens), not O(context), and :meth:`PackedStream.snapshot` /
+:meth:`PackedStream.restore` can still undo a failed write exactly (an atomic update): the old
+views keep their bytes. Stored bytes are counted by used length (``nbytes``); a buffer's spare
+capacity (at most as much again) is not storage the format needs.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 
 import torch
 
-from nvfp4kv.cache.parts import cat_parts, map_parts, parts_nbytes, slice_parts
+from nvfp4kv.cache.parts import append_parts, append_tokens, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
 from nvfp4kv.formats.numerics import saturating_cast
@@ -86,6 +92,8 @@ class PackedStream:
         self.scale_record: torch.Tensor | None = None
         #: fast path: dequantized packed tokens ``[B, H, n_packed, D]``
         self.dequantized: torch.Tensor | None = None
+        #: preallocated buffers behind parts / scale_record / dequantized (see append_tokens)
+        self._buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ transactions
     def snapshot(self) -> dict[str, object]:
@@ -93,6 +101,7 @@ class PackedStream:
         in place, so holding the old references keeps the old bytes)."""
         state = dict(vars(self))
         state["parts"] = dict(self.parts) if self.parts is not None else None
+        state["_buffers"] = dict(self._buffers)
         return state
 
     def restore(self, state: dict[str, object]) -> None:
@@ -155,7 +164,7 @@ class PackedStream:
         if self.scale_policy == "dynamic" and self.fmt.uses_global_scale:
             scale = self._computed_scale(chunk)
             record = scale.expand(scale.shape[0], scale.shape[1], n, 1)
-            self.scale_record = _cat(self.scale_record, record)
+            self.scale_record = append_tokens(self._buffers, "scale_record", self.scale_record, record)
             read_scale = self.scale_record[:, :, self.n_packed :]
         else:
             scale = read_scale = self.scale
@@ -163,11 +172,11 @@ class PackedStream:
             new_parts = self.codec.quantize(self.fmt, chunk, scale)
         except NVFP4KVError as err:
             raise type(err)(f"{self.label}: {err}") from err
-        self.parts = cat_parts(self.parts, new_parts)
+        self.parts = append_parts(self._buffers, self.parts, new_parts)
         self.n_packed += n
         if self.keep_dequantized:
             decoded = self.codec.dequantize(self.fmt, new_parts, read_scale, self.dtype or chunk.dtype)
-            self.dequantized = _cat(self.dequantized, decoded)
+            self.dequantized = append_tokens(self._buffers, "dequantized", self.dequantized, decoded)
 
     def _computed_scale(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.fmt.global_scale(x)
@@ -284,6 +293,18 @@ class PackedStream:
     def packed_nbytes(self) -> int:
         """Bytes of the format's parts alone (codes + block scales)."""
         return parts_nbytes(self.parts)
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated ahead in the growth buffers (capacity not yet holding tokens).
+
+        Why report it: appends write into buffers that double when full, so the process holds up
+        to twice the used bytes between doublings; ``nbytes`` counts what the format stores, this
+        counts what the allocator holds on top, so neither number hides the other.
+        """
+        views = [*(self.parts or {}).values(), self.scale_record, self.dequantized]
+        in_use = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in views if t is not None}
+        return sum(buf.numel() * buf.element_size() - in_use.get(buf.untyped_storage().data_ptr(), 0)
+                   for buf in self._buffers.values())
 
     def fastpath_nbytes(self) -> int:
         """Extra bytes held by the CPU fast path (dequantized copies of packed tokens)."""

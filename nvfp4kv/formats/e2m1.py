@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from nvfp4kv.formats.numerics import lookup
+
 #: largest E2M1 magnitude
 E2M1_MAX = 6.0
 #: magnitude of codes 0..7
@@ -43,9 +45,46 @@ E2M1_TIE_ROUNDS_UP: tuple[bool, ...] = (False, True, False, True, False, True, F
 SIGN_BIT = 0b1000
 
 
+#: constants built once per device (never modified in place): name -> device -> tensor
+_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _constant(name: str, device: torch.device | str | None, build) -> torch.Tensor:
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    t = _CONSTANTS.get((name, dev))
+    if t is None:
+        t = _CONSTANTS[(name, dev)] = build().to(dev)
+    return t
+
+
 def e2m1_lut(device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16-entry FP32 decode table, indexed by code."""
-    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    """The 16-entry FP32 decode table, indexed by code (built once per device; do not modify)."""
+    return _constant("lut", device, lambda: torch.tensor(E2M1_VALUES, dtype=torch.float32))
+
+
+def e2m1_byte_lut(device: torch.device | str | None = None) -> torch.Tensor:
+    """``[256, 2]`` FP32: the values of a packed byte's low and high nibble (the same table
+    lookups as :func:`decode_e2m1` of :func:`unpack_nibbles`, done in one index)."""
+
+    def build() -> torch.Tensor:
+        lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+        b = torch.arange(256)
+        return torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1)
+
+    return _constant("byte_lut", device, build)
+
+
+def _e2m1_thresholds(device: torch.device) -> torch.Tensor:
+    """FP32 thresholds ``t_k`` with ``a >= t_k`` exactly when ``a`` passes bound ``k``: the
+    bound itself where a tie rounds up, else the next FP32 above it (``a > b`` is
+    ``a >= nextafter(b, inf)`` for every FP32 ``a``, NaN included: both false)."""
+
+    def build() -> torch.Tensor:
+        bounds = torch.tensor(E2M1_BOUNDS, dtype=torch.float32)
+        up = torch.nextafter(bounds, torch.full_like(bounds, float("inf")))
+        return torch.where(torch.tensor(E2M1_TIE_ROUNDS_UP), bounds, up)
+
+    return _constant("thresholds", device, build)
 
 
 def rne_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
@@ -54,6 +93,9 @@ def rne_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
     A code is the number of thresholds that ``a`` passes, where a tie passes its threshold
     only when rounding up lands on an even index. NaN gives 0, +Inf gives 7.
     """
+    if a.dtype == torch.float32:  # one comparison against the thresholds (same results)
+        passed = a.unsqueeze(-1) >= _e2m1_thresholds(a.device)
+        return passed.sum(dim=-1, dtype=torch.uint8)
     code = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
     for bound, tie_up in zip(E2M1_BOUNDS, E2M1_TIE_ROUNDS_UP):
         passed = (a >= bound) if tie_up else (a > bound)
@@ -73,16 +115,21 @@ def rne_e2m1_codes(y: torch.Tensor) -> torch.Tensor:
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     """FP32 values of 4-bit codes (uint8, one code per element, high bits ignored)."""
-    lut = e2m1_lut(codes.device)
-    return lut[(codes & 0x0F).long()]
+    return lookup(e2m1_lut(codes.device), codes & 0x0F)
+
+
+def decode_packed_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """FP32 values of packed bytes ``[..., n]`` -> ``[..., 2n]``: ``decode_e2m1(unpack_nibbles(packed))``
+    by one lookup in :func:`e2m1_byte_lut` (identical values: both are table lookups)."""
+    return lookup(e2m1_byte_lut(packed.device), packed).flatten(-2)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes two per byte along the last dim (even element in the low nibble)."""
     if codes.shape[-1] % 2:
         raise ValueError(f"pack_nibbles needs an even last dim, got {codes.shape[-1]}")
-    codes = codes.to(torch.uint8)
-    return ((codes[..., 1::2] & 0x0F) << 4) | (codes[..., 0::2] & 0x0F)
+    pairs = codes.to(torch.uint8).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return ((pairs[..., 1] & 0x0F) << 4) | (pairs[..., 0] & 0x0F)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from nvfp4kv.formats.numerics import lookup
+
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 E4M3_MIN_SUBNORMAL = 2.0**-9
@@ -55,9 +57,17 @@ def _e4m3_value(bits: int) -> float:
 E4M3_VALUES: tuple[float, ...] = tuple(_e4m3_value(b) for b in range(256))
 
 
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
 def e4m3_lut(device: torch.device | str | None = None) -> torch.Tensor:
-    """256-entry FP32 decode table, indexed by the E4M3 byte."""
-    return torch.tensor(E4M3_VALUES, dtype=torch.float32, device=device)
+    """256-entry FP32 decode table, indexed by the E4M3 byte (built once per device; do not
+    modify the returned tensor)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    lut = _LUTS.get(dev)
+    if lut is None:
+        lut = _LUTS[dev] = torch.tensor(E4M3_VALUES, dtype=torch.float32, device=dev)
+    return lut
 
 
 def float_to_e4m3_bits(x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +111,28 @@ def float_to_e4m3_bits_torch(x: torch.Tensor) -> torch.Tensor:
     return clamped.to(torch.float8_e4m3fn).view(torch.uint8)
 
 
+def float_to_e4m3_bits_fast(x: torch.Tensor) -> torch.Tensor:
+    """The bytes of :func:`float_to_e4m3_bits`, by the fastest path proven identical.
+
+    On CPU: torch's ``float8_e4m3fn`` cast after a clamp to +-448 (RNE; checked against the
+    integer definition on every E4M3 rounding boundary and tie +-1 ulp, on +-0, subnormals,
+    Inf and 10^6 random values, see ``tests/test_formats_e4m3.py``); NaN, whose sign the cast
+    need not keep, goes through the definition. Elsewhere (CUDA, where the cast was not
+    checked here): :func:`float_to_e4m3_bits` itself.
+    """
+    xf = x.float()
+    if xf.device.type != "cpu":
+        return float_to_e4m3_bits(xf)
+    out = xf.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    nan = torch.isnan(xf)
+    if bool(nan.any()):
+        out = torch.where(nan, float_to_e4m3_bits(xf), out)
+    return out
+
+
 def e4m3_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     """FP32 values of E4M3 bytes, by table lookup (the arithmetic a kernel can repeat)."""
-    return e4m3_lut(bits.device)[bits.long()]
+    return lookup(e4m3_lut(bits.device), bits)
 
 
 def e4m3_bits_to_float_torch(bits: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,8 @@ from nvfp4kv.formats.e2m1 import (
     E2M1_BOUNDS,
     E2M1_MAX,
     SIGN_BIT,
-    decode_e2m1,
+    decode_packed_e2m1,
     pack_nibbles,
-    unpack_nibbles,
 )
 from nvfp4kv.formats.numerics import (
     ceil_log2_exact,
@@ -105,7 +104,7 @@ def dequantize_fp4_mx_block16(
     codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Decode: ``lut[code] * 2^(byte - 127)``."""
-    values = decode_e2m1(unpack_nibbles(codes))
+    values = decode_packed_e2m1(codes)
     blocks = values.reshape(*values.shape[:-1], values.shape[-1] // MX16_BLOCK, MX16_BLOCK)
     scale = exp2_exact(scales.to(torch.int32) - EXPONENT_BIAS).unsqueeze(-1)
     return (blocks * scale).flatten(-2).to(dtype)

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
-from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits
+from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits, float_to_e4m3_bits_fast  # noqa: F401 (float_to_e4m3_bits: re-exported, the definition)
 from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 FP8Scaling = Literal["tensor", "head", "token"]
@@ -52,7 +52,7 @@ def quantize_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Ten
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     nonzero = s > 0
     scaled = x.float() / torch.where(nonzero, s, torch.ones_like(s))
-    codes = float_to_e4m3_bits(scaled)
+    codes = float_to_e4m3_bits_fast(scaled)
     return torch.where(nonzero, codes, torch.zeros((), dtype=torch.uint8, device=x.device))
 
 

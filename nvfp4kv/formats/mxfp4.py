@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
-from nvfp4kv.formats.e2m1 import decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
+from nvfp4kv.formats.e2m1 import decode_packed_e2m1, pack_nibbles, rne_e2m1_codes
 from nvfp4kv.formats.numerics import exp2_exact, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
 MXFP4_BLOCK = 32
@@ -66,7 +66,7 @@ def dequantize_mxfp4(
     codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Decode ``lut[code] * 2^(byte - 127)``; byte 255 (E8M0 NaN) decodes its block to NaN."""
-    values = decode_e2m1(unpack_nibbles(codes))
+    values = decode_packed_e2m1(codes)
     blocks = values.reshape(*values.shape[:-1], values.shape[-1] // MXFP4_BLOCK, MXFP4_BLOCK)
     byte = scales.to(torch.int32)
     scale = torch.where(

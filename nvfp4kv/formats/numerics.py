@@ -93,3 +93,11 @@ def ceil_log2_exact(r: torch.Tensor) -> torch.Tensor:
     mantissa, exponent = torch.frexp(r.float())
     exponent = exponent.to(torch.int32)
     return torch.where(mantissa == 0.5, exponent - 1, exponent)
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (rows of ``table`` gathered by an integer ``index``) via ``index_select``
+    on int32 indices: the same values as advanced indexing with ``.long()``, many times faster
+    on CPU."""
+    flat = table.index_select(0, index.reshape(-1).to(torch.int32))
+    return flat.reshape(*index.shape, *table.shape[1:])

@@ -42,12 +42,13 @@ import torch
 
 from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
 from nvfp4kv.formats.conventions import NVFP4_RANGE, available_conventions, to_decode_scale
-from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_e2m1, pack_nibbles, rne_e2m1_codes, unpack_nibbles
+from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_packed_e2m1, pack_nibbles, rne_e2m1_codes
 from nvfp4kv.formats.e4m3 import (
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
     e4m3_bits_to_float,
-    float_to_e4m3_bits,
+    float_to_e4m3_bits,  # noqa: F401 (re-exported: the definition the fast path equals)
+    float_to_e4m3_bits_fast,
 )
 from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
@@ -83,9 +84,9 @@ def nvfp4_block_scale_bits(
     safe = torch.where(gs6 > 0, gs6, torch.ones_like(gs6))
     ratio = torch.where(gs6 > 0, block_amax / safe, torch.zeros_like(block_amax))
     if tiny_scale == "zero":
-        return float_to_e4m3_bits(torch.clamp(ratio, max=E4M3_MAX))
+        return float_to_e4m3_bits_fast(torch.clamp(ratio, max=E4M3_MAX))
     if tiny_scale == "modelopt":
-        bits = float_to_e4m3_bits(torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX))
+        bits = float_to_e4m3_bits_fast(torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX))
         return torch.where(ratio == 0, torch.full_like(bits, _E4M3_BITS_ONE), bits)
     raise ValueError(f"tiny_scale must be 'zero' or 'modelopt', got {tiny_scale!r}")
 
@@ -118,7 +119,7 @@ def dequantize_nvfp4(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Decode ``(codes, scales)`` from :func:`quantize_nvfp4`: ``e2m1(q) * (float(s) * gs)``."""
-    values = decode_e2m1(unpack_nibbles(codes))
+    values = decode_packed_e2m1(codes)
     blocks = values.reshape(*values.shape[:-1], values.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     gs = _scale_for_blocks(global_scale, values)
     decode_scale = e4m3_bits_to_float(scales).unsqueeze(-1) * gs
