@@ -18,8 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_a")
     parser.add_argument("run_b")
+    parser.add_argument("--metrics-rel-tol", type=float, default=0.0,
+                        help="let cell aggregates differ by this relative amount (samples stay exact); "
+                             "for runs of different harness versions, e.g. 1e-12")
     args = parser.parse_args(argv)
-    differences = record_differences(args.run_a, args.run_b)
+    differences = record_differences(args.run_a, args.run_b, metrics_rel_tol=args.metrics_rel_tol)
     if differences:
         print(f"records differ between {args.run_a} and {args.run_b}:", *differences, sep="\n  ", file=sys.stderr)
         return 1

@@ -287,3 +287,21 @@ def test_compare_runs_finds_identical_records_and_a_changed_sample(tmp_path, cap
     path.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
     assert compare_main([str(whole), str(tmp_path / "b")]) == 1
     assert "beta__nvfp4: sample 0 (doc_id 0) differs in ['prediction']" in capsys.readouterr().err
+
+
+def test_compare_runs_tolerance_applies_to_cell_aggregates_only(tmp_path):
+    from experiments.compare_runs import main as compare_main
+
+    a = sweep_mod.run_sweep(make_config(tmp_path / "a"))
+    b = sweep_mod.run_sweep(make_config(tmp_path / "b"))
+    cell_path = results.cell_path(b, f"{MODEL}__alpha__fp8")
+    cell = json.loads(cell_path.read_text())
+    cell["metrics"]["acc"]["value"] *= 1 + 1e-15  # a last-bit change of an aggregate
+    cell_path.write_text(json.dumps(cell))
+    assert compare_main([str(a), str(b)]) == 1
+    assert compare_main([str(a), str(b), "--metrics-rel-tol", "1e-12"]) == 0
+    samples = results.samples_path(b, f"{MODEL}__alpha__fp8")
+    record = json.loads(samples.read_text().splitlines()[0])
+    record["metrics"]["acc"] = 1.0 - record["metrics"]["acc"]
+    samples.write_text("\n".join([json.dumps(record), *samples.read_text().splitlines()[1:]]) + "\n")
+    assert compare_main([str(a), str(b), "--metrics-rel-tol", "1e-12"]) == 1  # samples stay exact
