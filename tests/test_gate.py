@@ -1,9 +1,11 @@
 """The accuracy gate: its paired decision rule, its baseline file, and proof that it bites.
 
 The bite tests plant realistic NVFP4 bugs in-process (monkeypatching the pure functions the
-``nvfp4`` format calls, or the format class itself), run the gate's quick suite on the embedded
-SmolLM2 against a baseline computed with the correct code in the same session, and require the
-gate to FAIL for every bug and PASS for the correct code. One model load serves all of them.
+``nvfp4`` format calls, or the format class itself), run the gate's quick sweep
+(configs/sweep/gate_quick.yaml, through ``run_sweep``) on the embedded SmolLM2 against a baseline
+computed with the correct code in the same session, and require the decision
+(:func:`nvfp4kv.analysis.gate.decide`) to FAIL for every bug and PASS for the correct code. One
+model load serves all of them (the sweep's model cache).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from experiments import gate
+from nvfp4kv.analysis import gate as ag
 from nvfp4kv.metrics.regression import Series, compare_runs, compare_series, failed
 
 # ---- the decision rule on synthetic series ----------------------------------------------------
@@ -74,10 +78,8 @@ def test_binary_checks_say_when_they_cannot_fail():
 
 
 def test_gold_logprob_is_renormalized_over_choices():
-    from types import SimpleNamespace
-
     sample = {"doc_id": "x:0", "target": 1, "filtered": {"none": [[math.log(0.1), False], [math.log(0.3), False]]}}
-    series = gate.gold_logprob_series(SimpleNamespace(samples=[sample]), "mmlu")
+    series = ag.gold_logprob_series("mmlu", [sample])
     assert series["mmlu/gold_logp"]["values"]["x:0"] == pytest.approx(math.log(0.75), rel=1e-6)
 
 
@@ -107,9 +109,14 @@ def test_improvements_fail_unless_allowed():
 # ---- the committed baseline ---------------------------------------------------------------------
 
 
+def _suite(quick: bool, formats=gate.DEFAULT_FORMATS) -> tuple[dict, dict]:
+    config = gate.gate_config(quick, list(formats), Path("/tmp/unused"))
+    return ag.suite_of(config), ag.kv_configs_of(config)
+
+
 def test_committed_baseline_matches_the_suite():
     doc = json.loads(gate.DEFAULT_BASELINE.read_text())
-    assert gate.suite_mismatch(doc, gate.FULL, gate.DEFAULT_FORMATS) is None
+    assert ag.suite_mismatch(doc, *_suite(quick=False)) is None  # configs/sweep/gate.yaml is the suite
     for fmt in gate.DEFAULT_FORMATS:
         series = doc["formats"][fmt]["series"]
         assert {"fidelity/kl", "fidelity/top1_agree", "fidelity/sqnr_db", "mmlu/acc", "mmlu/gold_logp",
@@ -123,20 +130,24 @@ def test_committed_baseline_matches_the_suite():
 
 def test_committed_quick_baseline_matches_the_quick_suite():
     doc = json.loads(gate.DEFAULT_BASELINE.with_name("gate_quick.json").read_text())
-    assert gate.suite_mismatch(doc, gate.QUICK, gate.DEFAULT_FORMATS) is None
+    assert ag.suite_mismatch(doc, *_suite(quick=True)) is None  # configs/sweep/gate_quick.yaml
 
 
 def test_suite_mismatch_names_the_problem():
-    doc = {"schema": gate.SCHEMA_VERSION, "suite": gate.QUICK.to_dict(), "formats": {}}
-    assert "suite" in gate.suite_mismatch(doc, gate.FULL, ["nvfp4"])
-    assert "nvfp4" in gate.suite_mismatch(doc, gate.QUICK, ["nvfp4"])
-    kv = gate.kv_config("nvfp4").to_dict()
+    quick, kvs = _suite(quick=True, formats=["nvfp4"])
+    full, _ = _suite(quick=False, formats=["nvfp4"])
+    doc = {"schema": ag.SCHEMA_VERSION, "suite": quick, "formats": {}}
+    assert "suite" in ag.suite_mismatch(doc, full, kvs)
+    assert "nvfp4" in ag.suite_mismatch(doc, quick, kvs)
+    changed = {**quick, "fidelity": {**quick["fidelity"], "n_score": 32}}
+    assert "suite" in ag.suite_mismatch(doc, changed, kvs)
+    kv = kvs["nvfp4"]
     doc["formats"]["nvfp4"] = {"kv_config": {**kv, "read_mode": "quantized"}}
-    assert "read_mode" in gate.suite_mismatch(doc, gate.QUICK, ["nvfp4"])
+    assert "read_mode" in ag.suite_mismatch(doc, quick, kvs)
     # fields that change no bit, and fields the baseline predates, do not invalidate it
     doc["formats"]["nvfp4"] = {"kv_config": {**{k: v for k, v in kv.items() if k != "sink_tokens"},
                                              "dequant_cache": False, "backend": "triton"}}
-    assert gate.suite_mismatch(doc, gate.QUICK, ["nvfp4"]) is None
+    assert ag.suite_mismatch(doc, quick, kvs) is None
 
 
 # ---- planted NVFP4 bugs: the gate must bite -----------------------------------------------------
@@ -235,45 +246,51 @@ PLANTED_BUGS: dict[str, Callable] = {
 }
 
 
+def _run_quick_sweep(run_dir: Path) -> Path:
+    from nvfp4kv.eval.sweep import run_sweep
+
+    return run_sweep(gate.gate_config(True, ["nvfp4"], run_dir), overrides=[])
+
+
 @pytest.fixture(scope="module")
-def quick_gate():
-    """The embedded model, loaded once, and a quick-suite NVFP4 baseline from the correct code."""
+def quick_gate(tmp_path_factory):
+    """A runner of the quick gate sweep (NVFP4 only) and a baseline document from the correct code."""
     from nvfp4kv.metrics.fidelity import REFERENCE
-    from nvfp4kv.models import ModelSpec, load_model
 
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     gate.make_deterministic(1)
     REFERENCE.clear()
-    bundle = load_model(ModelSpec(name_or_path=gate.QUICK.model, dtype="bfloat16", device="cpu"))
-    baseline = gate.run_suite(bundle, gate.QUICK, ["nvfp4"], log=lambda *_: None)
-    yield bundle, baseline
+    runs = iter(range(1000))
+    run = lambda: _run_quick_sweep(tmp_path_factory.mktemp("gate") / f"run{next(runs)}")  # noqa: E731
+    baseline = ag.run_document(run())
+    yield run, baseline
     REFERENCE.clear()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
 
 
-def _verdict(bundle, baseline):
-    current = gate.run_suite(bundle, gate.QUICK, ["nvfp4"], log=lambda *_: None)
-    return gate.compare(baseline, current, alpha=0.05)
+def _verdict(run, baseline):
+    return ag.decide(run(), baseline, alpha=0.05).checks
 
 
 @pytest.mark.slow
 def test_gate_passes_on_the_correct_code(quick_gate):
-    bundle, baseline = quick_gate
-    checks = _verdict(bundle, baseline)
+    run, baseline = quick_gate
+    checks = _verdict(run, baseline)
     assert checks and not failed(checks)
+    assert all(c.note == "identical to baseline" for c in checks if c.test == "bootstrap")  # deterministic
     assert baseline["formats"]["nvfp4"]["summary"]["kl_mean"] > 0  # the format really acts on the numbers
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_gate_fails_on_a_planted_nvfp4_bug(quick_gate, monkeypatch, bug):
-    bundle, baseline = quick_gate
+    run, baseline = quick_gate
     PLANTED_BUGS[bug](monkeypatch)
-    checks = _verdict(bundle, baseline)
-    print(f"\nplanted bug {bug}:\n{gate.checks_table(checks)}")  # which checks caught it (pytest -s)
+    checks = _verdict(run, baseline)
+    print(f"\nplanted bug {bug}:\n{ag.checks_table(checks)}")  # which checks caught it (pytest -s)
     regressed = [c for c in failed(checks) if c.status == "REGRESSED"]
-    assert regressed, "\n" + gate.checks_table(checks)
+    assert regressed, "\n" + ag.checks_table(checks)
 
 
 @pytest.mark.slow
@@ -293,4 +310,4 @@ def test_cli_update_then_pass_then_missing_baseline(tmp_path, quick_gate, capsys
     assert "GATE PASSED" in text and "no baseline" in text
     doc = json.loads(out.read_text())
     assert doc["status"] == "pass" and all(c["status"] == "ok" for c in doc["checks"])
-    assert math.isfinite(doc["wall_s"])
+    assert math.isfinite(doc["wall_s"]) and (Path(doc["run_dir"]) / "cells").is_dir()  # the sweep's records
