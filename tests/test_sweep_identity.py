@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
 from nvfp4kv import results
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.eval import identity as ident
 from nvfp4kv.eval import sweep as sweep_mod
 from nvfp4kv.eval.api import CellResult, MetricValue, register_task_kind, task_kinds
+from test_sweep import _run_cli as run_cli_raising
 from test_sweep import CALLS, FAIL_ON, FAKE_TASK_OVERRIDES, MODEL, cell_files, fake_model, make_config  # noqa: F401
 
 
@@ -45,17 +44,12 @@ if "interrupting" not in task_kinds():
 
 
 def _run_cli(monkeypatch, *args: str) -> int:
-    from experiments import run as run_mod
-
-    GlobalHydra.instance().clear()
-    monkeypatch.setattr(sys, "argv", ["experiments/run.py", *args])
+    """test_sweep's CLI runner, returning the exit code instead of raising SystemExit."""
     try:
-        run_mod.main()
+        run_cli_raising(monkeypatch, *args)
         return 0
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # ---------------------------------------------------------------------------- F1: one run id

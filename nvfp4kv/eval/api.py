@@ -86,7 +86,7 @@ def task_config_fields(cfg: Any, *, kind: str, allowed: tuple[str, ...],
     """A task family's config mapping as dataclass keyword arguments: unknown keys refused (naming
     the allowed ones), ``kind`` dropped, and the fields in ``tuples`` turned into tuples of their
     element type (a scalar counts as a one-element list: Hydra overrides such as ``lengths=4096``)."""
-    from nvfp4kv.eval.lmeval_tasks import to_plain
+    from nvfp4kv.eval.lmeval_config import to_plain
 
     cfg = to_plain(cfg)
     unknown = sorted(set(cfg) - set(allowed))

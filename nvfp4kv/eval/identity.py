@@ -140,13 +140,21 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def identity_fields(plan: Any) -> dict[str, Any]:
-    """The run-wide fields that decide numbers, flat (``model.dtype``, ``data.mmlu.sha256``, ...)."""
+def collect_provenance() -> dict[str, Any]:
+    """Package versions and git state, read once per invocation: the identity and every cell record
+    take them from here, so they cannot disagree (and git runs once, not once per use)."""
+    commit, dirty = git_state()
+    return {"versions": package_versions(), "git": commit, "git_dirty": dirty}
+
+
+def identity_fields(plan: Any, provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-wide fields that decide numbers, flat (``model.dtype``, ``data.mmlu.sha256``, ...);
+    ``provenance`` is :func:`collect_provenance`'s."""
     spec = plan.model_spec
     model = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _MODEL_FIELDS_IGNORED}
     model.update(model_source(spec))
-    versions = package_versions()
-    commit, dirty = git_state()
+    versions = provenance["versions"]
+    commit, dirty = provenance["git"], provenance["git_dirty"]
     config = plan.config
     nested = {
         "model": model,

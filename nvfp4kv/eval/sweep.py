@@ -65,7 +65,6 @@ from nvfp4kv.eval.plan import (  # noqa: F401  (re-exported: configs, tests and 
     resolve_config,
     resolve_runner,
 )
-from nvfp4kv.eval.identity import git_state, package_versions  # noqa: F401
 from nvfp4kv.eval.rundir import locked, run_log
 
 log = logging.getLogger(__name__)
@@ -103,13 +102,13 @@ def _legacy_run_id(cells: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> s
     return sorted(ids)[0] if ids else None
 
 
-def open_run(plan: SweepPlan, overrides: list[str] | None) -> str:
+def open_run(plan: SweepPlan, overrides: list[str] | None, provenance: Mapping[str, Any]) -> str:
     """Create the run's identity, or check a resume against it; returns the run id to use.
 
     Every check runs before anything is written, so a refused run changes no byte of its run
     directory. The identity is created under the run lock: shards starting together agree on one.
     """
-    fields = ident.identity_fields(plan)
+    fields = ident.identity_fields(plan, provenance)
     command = _command(overrides)
     model = plan.model_spec.display_name
     if not plan.run_dir.exists():
@@ -251,7 +250,8 @@ def run_sweep(cfg: DictConfig | Mapping[str, Any], overrides: list[str] | None =
 
     overrides = overrides if overrides is not None else _hydra_overrides()
     plan = plan_sweep(cfg)
-    plan.run_id = open_run(plan, overrides)
+    provenance = ident.collect_provenance()
+    plan.run_id = open_run(plan, overrides, provenance)
     with run_log(plan.run_dir), _sigterm_as_interrupt():
         log.info("run %s (shard %d/%d) in %s", plan.run_id, plan.shard, plan.num_shards, plan.run_dir)
         if overrides is not None:
@@ -261,8 +261,6 @@ def run_sweep(cfg: DictConfig | Mapping[str, Any], overrides: list[str] | None =
         try:
             bundle = get_model(plan.model_spec)
             check_block_sizes(plan.kvs, bundle.model)
-            commit, dirty = git_state()
-            provenance = {"versions": package_versions(), "git": commit, "git_dirty": dirty}
             cells = shard_cells(plan)
             bar = tqdm(cells, desc=f"sweep {plan.sweep_name}", unit="cell")
             for task, label in bar:
