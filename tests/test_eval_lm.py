@@ -85,8 +85,8 @@ def test_generate_gets_a_fresh_cache_per_call(lm: KVQuantLM, monkeypatch: pytest
     made: list = []
     real_make_cache = lm_module.make_cache
 
-    def spy_make_cache(model, kv_config):
-        cache = real_make_cache(model, kv_config)
+    def spy_make_cache(model, kv_config, frozen_scales=None):
+        cache = real_make_cache(model, kv_config, frozen_scales)
         made.append((kv_config, cache))
         return cache
 
@@ -132,7 +132,7 @@ def test_decode_faithful_split_reproduces_a_single_forward(bundle: ModelBundle,
     from transformers import DynamicCache
 
     fp32_model = copy.deepcopy(bundle.model).float()
-    monkeypatch.setattr(lm_module, "make_cache", lambda model, kv: DynamicCache(config=model.config))
+    monkeypatch.setattr(lm_module, "make_cache", lambda model, kv, frozen=None: DynamicCache(config=model.config))
     got, want = _compare_with_hflm(fp32_model, bundle.tokenizer)
     assert torch.allclose(torch.tensor([g for g, _ in got]), torch.tensor([w for w, _ in want]), atol=1e-4)
     assert [g for _, g in got] == [w for _, w in want]
@@ -148,7 +148,7 @@ def test_decode_faithful_bf16_kv_matches_plain_hflm(bundle: ModelBundle, monkeyp
     got, want = _compare_with_hflm(bundle.model, bundle.tokenizer)
     diff = (torch.tensor([g for g, _ in got]) - torch.tensor([w for w, _ in want])).abs()
     assert float(diff.max()) < BF16_TOLERANCE
-    monkeypatch.setattr(lm_module, "make_cache", lambda model, kv: DynamicCache(config=model.config))
+    monkeypatch.setattr(lm_module, "make_cache", lambda model, kv, frozen=None: DynamicCache(config=model.config))
     dynamic, _ = _compare_with_hflm(bundle.model, bundle.tokenizer)
     assert got == dynamic
 
@@ -201,7 +201,7 @@ def test_set_kv_switches_format_without_reloading(lm: KVQuantLM, monkeypatch: py
     model = lm.model
     seen: list[str] = []
     real_make_cache = lm_module.make_cache
-    monkeypatch.setattr(lm_module, "make_cache", lambda m, kv: seen.append(kv.label) or real_make_cache(m, kv))
+    monkeypatch.setattr(lm_module, "make_cache", lambda m, kv, frozen=None: seen.append(kv.label) or real_make_cache(m, kv, frozen))
     requests = _mmlu_like(lm)[:1]
     lm.set_kv("bf16")
     bf16 = _scores(lm, requests)

@@ -76,7 +76,7 @@ def test_grid_structure_determinism_and_fresh_caches(bundle, monkeypatch: pytest
 
     made = []
     real_make_cache = cache_module.make_cache
-    monkeypatch.setattr(cache_module, "make_cache", lambda m, kv: made.append(kv) or real_make_cache(m, kv))
+    monkeypatch.setattr(cache_module, "make_cache", lambda m, kv, frozen=None: made.append(kv) or real_make_cache(m, kv, frozen))
     runner = get_task_runner("passkey")
     kv = KVCacheConfig(k_format="nvfp4", v_format="nvfp4")
     first = runner(TASK, bundle, kv, limit=None, seed=0, progress=False)

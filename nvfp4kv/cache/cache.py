@@ -26,8 +26,10 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_laye
 
 from nvfp4kv.cache.checks import check_kv_states
 from nvfp4kv.cache.config import KVCacheConfig
+from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.layer import PackedKVLayer
 from nvfp4kv.cache.memory import layer_memory
+from nvfp4kv.calibration.checkpoint import read_checkpoint_scales
 from nvfp4kv.errors import BlockSizeError, ConfigError
 from nvfp4kv.formats.base import KVFormat
 from nvfp4kv.kernels.backend import KernelBackend, resolve_backend
@@ -45,8 +47,13 @@ class QuantizedKVCache(Cache):
     created lazily as a full-attention packed layer (handy for tests on raw tensors).
     """
 
-    def __init__(self, config: KVCacheConfig, model_config: Any | None = None) -> None:
+    def __init__(self, config: KVCacheConfig, model_config: Any | None = None,
+                 frozen_scales: FrozenScales | None = None) -> None:
         self.kv_config = config
+        #: first_batch policy: scales frozen by the first forward, shared with other caches given the same store
+        self.frozen_scales = frozen_scales if frozen_scales is not None else FrozenScales()
+        #: scale_policy=checkpoint: (k_scale, v_scale) per layer read from the checkpoint
+        self._checkpoint_scales: dict[int, tuple[float, float]] | None = None
         #: the backend every layer encodes/decodes with (chosen once, here, from config.backend)
         self.codec: KernelBackend = resolve_backend(config.backend)
         self._k_format = config.build_format("k")
@@ -55,6 +62,8 @@ class QuantizedKVCache(Cache):
         if model_config is None:
             super().__init__(layer_class_to_replicate=self._next_lazy_layer)  # type: ignore[arg-type]
             return
+        if config.scale_policy == "checkpoint":
+            self._checkpoint_scales = read_checkpoint_scales(self._checkpoint_path(model_config))
         text_config = model_config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         if isinstance(layer_kwargs, Mapping):  # transformers <= 5.17: one kwargs dict shared by all layers
@@ -95,20 +104,33 @@ class QuantizedKVCache(Cache):
             self._k_format, self._v_format, layer_idx=idx, codec=self.codec, read_mode=cfg.read_mode,
             sink_tokens=cfg.sink_tokens, residual_length=cfg.residual_length, scale_policy=cfg.scale_policy,
             static_scales=self._static_scales(idx), keep_dequantized=cfg.dequant_cache, nonfinite=cfg.nonfinite,
+            frozen_scales=self.frozen_scales, scale_divisors=cfg.first_batch_divisors,
         )
+
+    def _checkpoint_path(self, model_config: Any) -> str:
+        path = self.kv_config.checkpoint_scales or getattr(model_config, "_name_or_path", None)
+        if not path:
+            raise ConfigError("scale_policy=checkpoint but neither checkpoint_scales nor the model's own directory is "
+                              "known; set checkpoint_scales=/path/to/checkpoint.")
+        return str(path)
 
     def _static_scales(self, idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         cfg = self.kv_config
-        if cfg.scale_policy != "static" or not (self._k_format.uses_global_scale or self._v_format.uses_global_scale):
+        if cfg.scale_policy not in ("static", "checkpoint") or not (self._k_format.uses_global_scale
+                                                                   or self._v_format.uses_global_scale):
             return (None, None)
-        assert cfg.static_scales is not None
-        if idx not in cfg.static_scales:
+        scales = cfg.static_scales if cfg.scale_policy == "static" else self._checkpoint_scales
+        if scales is None:  # checkpoint policy on a cache built without the model's config
+            raise ConfigError("scale_policy=checkpoint needs the model config (make_cache(model, ...)) to find the "
+                              "checkpoint; or use scale_policy=static with static_scales.")
+        if idx not in scales:
+            source = "static_scales" if cfg.scale_policy == "static" else "the checkpoint's k_scale/v_scale tensors"
             raise ConfigError(
-                f"scale_policy='static' but static_scales has no entry for layer {idx} (it has "
-                f"{sorted(cfg.static_scales)}); give (k_scale, v_scale) for every quantized layer, or add the layer "
+                f"scale_policy={cfg.scale_policy!r} but {source} have no entry for layer {idx} (there are "
+                f"{sorted(scales)}); give (k_scale, v_scale) for every quantized layer, or add the layer "
                 f"to skip_layers."
             )
-        k_scale, v_scale = cfg.static_scales[idx]
+        k_scale, v_scale = scales[idx]
         return (_decode_scale(k_scale, self._k_format, cfg.scale_convention),
                 _decode_scale(v_scale, self._v_format, cfg.scale_convention))
 
@@ -118,6 +140,12 @@ class QuantizedKVCache(Cache):
         if any(i >= n_layers for i in cfg.skip_layers):
             raise ConfigError(f"skip_layers {list(cfg.skip_layers)} name layers past the model's {n_layers} layers "
                               f"(indices 0..{n_layers - 1}). Drop those indices from skip_layers.")
+        if cfg.static_scales_file is not None:
+            from nvfp4kv.calibration.scales_file import load_scales_file
+
+            kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+            head_dim_ = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+            load_scales_file(cfg.static_scales_file).check_model(n_layers, kv_heads, head_dim_, cfg.static_scales_file)
         if cfg.static_scales is not None and any(i >= n_layers for i in cfg.static_scales):
             raise ConfigError(f"static_scales has layers {sorted(cfg.static_scales)} but the model has {n_layers} "
                               f"layers (indices 0..{n_layers - 1}): the scales belong to another model. Calibrate "
@@ -168,18 +196,20 @@ def _decode_scale(value: float, fmt: KVFormat, convention: str) -> torch.Tensor 
     return torch.tensor(value, dtype=torch.float32).reshape(1, 1, 1, 1)
 
 
-def make_cache(model: Any, kv_config: KVCacheConfig | Mapping[str, Any] | None = None) -> QuantizedKVCache:
+def make_cache(model: Any, kv_config: KVCacheConfig | Mapping[str, Any] | None = None,
+               frozen_scales: FrozenScales | None = None) -> QuantizedKVCache:
     """A fresh :class:`QuantizedKVCache` for ``model`` (build one per ``generate``/scoring call).
 
     ``kv_config`` may be a :class:`KVCacheConfig`, its ``to_dict()`` form, or ``None`` (defaults:
     NVFP4 for K and V). ``KVCacheConfig(k_format="bf16", v_format="bf16")`` on a BF16 model
-    reproduces ``DynamicCache`` bit for bit.
+    reproduces ``DynamicCache`` bit for bit. ``frozen_scales``: the store a ``first_batch``
+    policy shares across caches (one per evaluation of one KV setting); None gives this cache its own.
     """
     if kv_config is None:
         kv_config = KVCacheConfig()
     elif not isinstance(kv_config, KVCacheConfig):
         kv_config = KVCacheConfig.from_dict(kv_config)
-    return QuantizedKVCache(kv_config, model.config)
+    return QuantizedKVCache(kv_config, model.config, frozen_scales=frozen_scales)
 
 
 def cache_kwarg_name(model: Any) -> str:

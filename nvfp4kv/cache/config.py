@@ -26,7 +26,7 @@ from nvfp4kv.formats.base import (
     normalize_nonfinite,
 )
 
-ScalePolicy = Literal["dynamic", "prefill", "static"]
+ScalePolicy = Literal["dynamic", "prefill", "static", "checkpoint", "first_batch", "unit"]
 ReadMode = Literal["serving", "quantized", "raw_fresh"]
 NonFinite = NonFinitePolicy  # "raise" | "map" | "keep" ("error": deprecated alias of "raise")
 
@@ -48,6 +48,24 @@ def ensure_formats_registered() -> None:
     except ModuleNotFoundError as err:
         if err.name != "nvfp4kv.formats":
             raise
+
+
+def decode_scale_from_amax(fmt: KVFormat, amax: float, divisor: float | None = None) -> float:
+    """The decode (global) scale ``fmt`` takes for a tensor whose largest |x| is ``amax``.
+
+    ``divisor=None`` asks the format (``amax/(6*448)`` NVFP4, ``amax/448`` FP8: ModelOpt's
+    static-scale conventions); an explicit divisor reproduces an engine's own constant (vLLM's
+    ``calculate_kv_scales`` divides by 200 for K and 100 for V). Formats without a global scale
+    return 1.0 (never read).
+    """
+    if not fmt.uses_global_scale:
+        return 1.0
+    if divisor is not None:
+        return float(amax) / float(divisor)
+    import torch
+
+    scale = fmt.global_scale(torch.full((1, 1, 1, 1), float(amax), dtype=torch.float32))
+    return 1.0 if scale is None else float(scale.reshape(-1)[0])
 
 
 def default_options(format_name: str, which: Literal["k", "v"]) -> dict[str, Any]:
@@ -84,6 +102,20 @@ class KVCacheConfig:
       ``scale_convention`` (``"decode"``: ``amax/(6*448)`` for NVFP4, i.e. ModelOpt's exported
       ``k_scale``; other NVFP4 conventions are converted by
       :func:`nvfp4kv.formats.conventions.to_decode_scale`). Formats without a global scale ignore it.
+      Or ``static_scales_file``: a calibration file (``python -m experiments.calibrate``) holding
+      per-layer amax, from which each format takes its own scale (ModelOpt: ``amax/(6*448)``
+      NVFP4, ``amax/448`` FP8). What TensorRT-LLM/ModelOpt serve with.
+    - ``"checkpoint"``: ``k_scale``/``v_scale`` tensors read from a checkpoint's safetensors
+      (``checkpoint_scales``, default the model's own directory) under the names vLLM's and
+      SGLang's loaders accept (:mod:`nvfp4kv.calibration.checkpoint`); a checkpoint without them
+      is refused, naming the fix.
+    - ``"first_batch"``: vLLM's ``calculate_kv_scales``: the scale of every layer is computed from
+      the first forward that reaches it and then frozen for every later request sharing the
+      cache's scale store (:class:`~nvfp4kv.cache.first_batch.FrozenScales`; the lm-eval model
+      keeps one per KV setting). ``first_batch_divisors=[k, v]`` gives the engine's constants
+      (vLLM: ``amax/200`` K, ``amax/100`` V); by default the format's own (``amax/(6*448)``,
+      ``amax/448``). Batch-wide by definition: a request's codes depend on which request came first.
+    - ``"unit"``: scale 1.0 (vLLM and SGLang with an FP8 checkpoint that carries no scales).
 
     **Full-precision windows** (KIVI-style): the first ``sink_tokens`` tokens and the newest
     ``residual_length`` tokens are stored in the model's dtype; a token is quantized once it leaves
@@ -133,6 +165,9 @@ class KVCacheConfig:
     scale_policy: ScalePolicy = "prefill"
     static_scales: dict[int, tuple[float, float]] | None = None
     scale_convention: str = "decode"
+    static_scales_file: str | None = None
+    checkpoint_scales: str | None = None
+    first_batch_divisors: tuple[float, float] | None = None
     residual_length: int = 0
     sink_tokens: int = 0
     skip_layers: tuple[int, ...] = ()
@@ -156,6 +191,7 @@ class KVCacheConfig:
         if not isinstance(self.dequant_cache, bool):
             raise ConfigError(f"dequant_cache must be true or false; got {self.dequant_cache!r}. Set dequant_cache=true (CPU) or false (long GPU contexts).")
         object.__setattr__(self, "skip_layers", self._normalized_skip_layers())
+        self._check_policy_inputs()
         object.__setattr__(self, "static_scales", self._normalized_static_scales())
         self._check_convention()
 
@@ -197,6 +233,48 @@ class KVCacheConfig:
             raise ConfigError(f"skip_layers holds a negative index: {list(out)}. Use 0-based layer indices.")
         return out
 
+    def _check_policy_inputs(self) -> None:
+        """Each scale source belongs to one policy; a source given to another is a mistake, said so."""
+        owners = {"static_scales_file": "static", "checkpoint_scales": "checkpoint",
+                  "first_batch_divisors": "first_batch"}
+        for name, policy in owners.items():
+            if getattr(self, name) is not None and self.scale_policy != policy:
+                raise ConfigError(f"{name} was given but scale_policy={self.scale_policy!r} ignores it; set "
+                                  f"scale_policy={policy} or drop {name}.")
+        if self.first_batch_divisors is not None:
+            try:
+                k_div, v_div = (float(x) for x in self.first_batch_divisors)
+            except (TypeError, ValueError):
+                raise ConfigError(f"first_batch_divisors must be [k_divisor, v_divisor]; got {self.first_batch_divisors!r}. "
+                                  f"E.g. first_batch_divisors=[200,100] (vLLM's K/V_SCALE_CONSTANT).") from None
+            if not all(math.isfinite(d) and d > 0 for d in (k_div, v_div)):
+                raise ConfigError(f"first_batch_divisors must be finite and > 0; got {self.first_batch_divisors!r}.")
+            object.__setattr__(self, "first_batch_divisors", (k_div, v_div))
+        if self.static_scales_file is not None:
+            if self.scale_convention != "decode":
+                raise ConfigError("static_scales_file holds amax, from which each format derives its own decode scale; "
+                                  f"scale_convention={self.scale_convention!r} does not apply. Drop scale_convention.")
+            derived = self._scales_from_file()
+            if self.static_scales and self._normalized_pairs(self.static_scales) != derived:
+                raise ConfigError(f"static_scales and static_scales_file={self.static_scales_file!r} disagree; give one "
+                                  f"of them (the file's scales are derived from its amax).")
+            object.__setattr__(self, "static_scales", derived)
+
+    def _scales_from_file(self) -> dict[int, tuple[float, float]]:
+        """The file's per-layer amax as (K, V) decode scales of this config's formats."""
+        from nvfp4kv.calibration.scales_file import load_scales_file
+
+        amax = load_scales_file(str(self.static_scales_file)).amax_pairs()
+        k_fmt, v_fmt = self.build_format("k"), self.build_format("v")
+        return {i: (decode_scale_from_amax(k_fmt, k), decode_scale_from_amax(v_fmt, v)) for i, (k, v) in sorted(amax.items())}
+
+    @staticmethod
+    def _normalized_pairs(scales: Mapping[Any, Any]) -> dict[int, tuple[float, float]]:
+        try:
+            return {int(i): tuple(float(x) for x in pair) for i, pair in sorted(scales.items(), key=lambda kv: int(kv[0]))}  # type: ignore[misc]
+        except (TypeError, ValueError):
+            return {}
+
     def _normalized_static_scales(self) -> dict[int, tuple[float, float]] | None:
         scales = self.static_scales
         if self.scale_policy != "static":
@@ -209,8 +287,8 @@ class KVCacheConfig:
         if not scales or not isinstance(scales, Mapping):
             raise ConfigError(
                 "scale_policy='static' needs static_scales: a mapping {layer_index: (k_scale, v_scale)} "
-                f"in the '{self.scale_convention}' convention; got {scales!r}. Give static_scales, or use "
-                f"scale_policy=prefill."
+                f"in the '{self.scale_convention}' convention, or static_scales_file (python -m experiments.calibrate); "
+                f"got {scales!r}. Give static_scales, or use scale_policy=prefill."
             )
         out: dict[int, tuple[float, float]] = {}
         for key, pair in scales.items():
@@ -281,6 +359,8 @@ class KVCacheConfig:
         """A plain dict (lists, not tuples) that :meth:`from_dict` turns back into this config."""
         out = dataclasses.asdict(self)
         out["skip_layers"] = list(self.skip_layers)
+        if self.first_batch_divisors is not None:
+            out["first_batch_divisors"] = list(self.first_batch_divisors)
         if self.static_scales is not None:
             out["static_scales"] = {int(k): list(v) for k, v in self.static_scales.items()}
         return out

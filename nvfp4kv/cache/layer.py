@@ -35,6 +35,7 @@ from nvfp4kv.cache.checks import (
     map_nonfinite_write,
     raise_if_nonfinite,
 )
+from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.stream import PackedStream
 from nvfp4kv.errors import BlockSizeError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
@@ -47,7 +48,8 @@ class PackedKVLayer(DynamicLayer):
     """K and V of one full-attention layer, stored in ``k_format`` / ``v_format``.
 
     ``static_scales`` is ``(k_scale, v_scale)`` as FP32 tensors in each format's decode
-    convention (already converted), used only by the ``static`` policy.
+    convention (already converted), used by the ``static`` and ``checkpoint`` policies;
+    ``frozen_scales`` and ``scale_divisors`` serve the ``first_batch`` policy.
     """
 
     def __init__(
@@ -65,6 +67,8 @@ class PackedKVLayer(DynamicLayer):
         keep_dequantized: bool = False,
         nonfinite: str = "raise",
         is_skip: bool = False,
+        frozen_scales: FrozenScales | None = None,
+        scale_divisors: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -82,8 +86,12 @@ class PackedKVLayer(DynamicLayer):
             sink_tokens=sink_tokens, residual_length=residual_length, scale_policy=scale_policy,
             keep_dequantized=keep_dequantized,
         )
-        self.k_stream = PackedStream(k_format, codec, label=f"layer {layer_idx} K", static_scale=static_scales[0], **common)
-        self.v_stream = PackedStream(v_format, codec, label=f"layer {layer_idx} V", static_scale=static_scales[1], **common)
+        common["frozen_scales"] = frozen_scales
+        k_div, v_div = scale_divisors if scale_divisors is not None else (None, None)
+        self.k_stream = PackedStream(k_format, codec, label=f"layer {layer_idx} K", static_scale=static_scales[0],
+                                     scale_divisor=k_div, **common)
+        self.v_stream = PackedStream(v_format, codec, label=f"layer {layer_idx} V", static_scale=static_scales[1],
+                                     scale_divisor=v_div, **common)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_idx}, k={self.k_format.name}, v={self.v_format.name})"

@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.parts import append_parts, append_tokens, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
@@ -66,9 +67,11 @@ class PackedStream:
         scale_policy: str = "prefill",
         static_scale: torch.Tensor | None = None,
         keep_dequantized: bool = False,
+        frozen_scales: FrozenScales | None = None,
+        scale_divisor: float | None = None,
     ) -> None:
-        if scale_policy == "static" and fmt.uses_global_scale and static_scale is None:
-            raise ValueError(f"{label}: the static scale policy needs a scale")
+        if scale_policy in ("static", "checkpoint") and fmt.uses_global_scale and static_scale is None:
+            raise ValueError(f"{label}: the {scale_policy} scale policy needs a scale")
         self.fmt = fmt
         self.codec = codec
         self.label = label
@@ -77,6 +80,10 @@ class PackedStream:
         self.scale_policy = scale_policy
         self.keep_dequantized = keep_dequantized
         self._static_scale = static_scale.float() if static_scale is not None else None
+        #: first_batch: the store shared by every cache of one evaluation (own store if none given)
+        self._frozen = frozen_scales if frozen_scales is not None else FrozenScales()
+        #: first_batch: amax divisor of the engine being reproduced (None: the format's own scale)
+        self._scale_divisor = scale_divisor
         self.reset()
 
     def reset(self) -> None:
@@ -141,12 +148,31 @@ class PackedStream:
         if x.shape[2] == 0:
             return
         if self.fmt.uses_global_scale and self.scale is None:
-            if self.scale_policy == "prefill":
-                self.scale = self._computed_scale(x)
-            elif self.scale_policy == "static":
-                self.scale = self._static_scale.to(x.device)  # type: ignore[union-attr]
+            self.scale = self._frozen_scale(x)
         self.pending = _cat(self.pending, x)
         self._pack_ready()
+
+    def _frozen_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The scale a non-dynamic policy fixes at the first write ``x`` (None: dynamic)."""
+        policy = self.scale_policy
+        if policy == "prefill":
+            return self._computed_scale(x)
+        if policy in ("static", "checkpoint"):
+            return self._static_scale.to(x.device)  # type: ignore[union-attr]
+        if policy == "unit":
+            return torch.ones(1, 1, 1, 1, dtype=torch.float32, device=x.device)
+        if policy == "first_batch":
+            frozen = self._frozen.get(self.label)
+            if frozen is None:
+                if self._scale_divisor is None:
+                    scale = self._computed_scale(x)
+                else:  # the engine's constant: one per-tensor scale amax / divisor
+                    amax = torch.nan_to_num(x.detach().float().abs(), nan=0.0, posinf=0.0).amax()
+                    scale = (amax / self._scale_divisor).reshape(1, 1, 1, 1)
+                    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+                frozen = self._frozen.freeze(self.label, scale)
+            return frozen.to(x.device)
+        return None
 
     def _pack_ready(self) -> None:
         group = self.fmt.token_group

@@ -73,6 +73,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from nvfp4kv.cache import KVCacheConfig, cache_kwarg_name, make_cache
+from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.errors import ConfigError
 
 LoglikelihoodMode = Literal["decode_faithful", "all_quantized", "raw_prefill"]
@@ -163,6 +164,8 @@ class KVQuantLM(HFLM):
         self.progress = progress
         self.stats: Counter[str] = Counter()
         self._score_memo: dict[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
+        #: first_batch policy: the scales the first forward of this KV setting froze (reset by set_kv)
+        self._frozen_scales = FrozenScales()
 
     @classmethod
     def from_bundle(
@@ -188,10 +191,11 @@ class KVQuantLM(HFLM):
         if loglikelihood_mode is not None:
             self.loglikelihood_mode = _check_mode(loglikelihood_mode)
         self._score_memo.clear()
+        self._frozen_scales = FrozenScales()
 
     def _fresh_cache(self, read_mode: str | None = None) -> Any:
         config = self._kv if read_mode is None else dataclasses.replace(self._kv, read_mode=read_mode)
-        return make_cache(self.model, config)
+        return make_cache(self.model, config, self._frozen_scales)
 
     def _forward(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
         """One forward that reads/extends ``cache``; returns logits ``[B, T, V]``."""

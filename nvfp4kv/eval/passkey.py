@@ -165,7 +165,8 @@ def first_digits(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- running
-def _generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tokens: int) -> str:
+def _generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tokens: int,
+              frozen_scales: Any = None) -> str:
     from nvfp4kv.cache import cache_kwarg_name, make_cache
 
     device = next(model.parameters()).device
@@ -174,7 +175,7 @@ def _generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tok
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **{cache_kwarg_name(model): make_cache(model, kv)},
+            **{cache_kwarg_name(model): make_cache(model, kv, frozen_scales)},
         )
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -207,11 +208,14 @@ def run_passkey_task(
     trials = min(cfg.trials, limit) if limit is not None else cfg.trials
     grid = [(L, d, t) for L in cfg.context_lengths for d in cfg.depths for t in range(trials)]
 
+    from nvfp4kv.cache.first_batch import FrozenScales
+
+    frozen_scales = FrozenScales()  # first_batch: the cell's first trial fixes the scales
     samples: list[dict[str, Any]] = []
     for doc_id, (context_len, depth, t) in enumerate(tqdm(grid, desc=f"passkey [{kv.label}]",
                                                           disable=not progress)):
         trial = build_trial(tokenizer, hay, cfg, context_len, depth, t, seed)
-        generated = _generate(model, tokenizer, trial.input_ids, kv, cfg.new_tokens)
+        generated = _generate(model, tokenizer, trial.input_ids, kv, cfg.new_tokens, frozen_scales)
         correct = float(first_digits(generated) == trial.key)
         samples.append({
             "doc_id": doc_id, "context_len": context_len, "depth": depth, "trial": t,

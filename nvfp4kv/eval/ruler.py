@@ -169,7 +169,7 @@ def encode(tokenizer: Any, context: str) -> list[int]:
 
 
 def generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tokens: int,
-             until: tuple[str, ...] = ()) -> str:
+             until: tuple[str, ...] = (), frozen_scales: Any = None) -> str:
     """Greedy continuation through a fresh quantized cache, post-processed as HFLM does."""
     from lm_eval.models.utils import postprocess_generated_text
 
@@ -180,7 +180,7 @@ def generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_toke
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad, **{cache_kwarg_name(model): make_cache(model, kv)})
+                             do_sample=False, pad_token_id=pad, **{cache_kwarg_name(model): make_cache(model, kv, frozen_scales)})
     text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     stops = list(until)
     if tokenizer.eos_token_id is not None:
@@ -223,6 +223,9 @@ def run_ruler_task(
                                      haystack_dir=cfg.haystack_dir)
               for task in cfg.subtasks for length in cfg.lengths]
     jobs = [(store, doc) for store in stores for doc in store.docs]
+    from nvfp4kv.cache.first_batch import FrozenScales
+
+    frozen_scales = FrozenScales()  # first_batch: the cell's first sample fixes the scales
     samples: list[dict[str, Any]] = []
     for store, doc in tqdm(jobs, desc=f"ruler [{kv.label}]", disable=not progress):
         spec = synth.get_spec(store.task)
@@ -236,7 +239,7 @@ def run_ruler_task(
                         "%d + %d generated tokens", store.task, store.length, doc["index"], len(ids), truncated,
                         keep, new_tokens)
             ids = ids[-keep:]
-        prediction = generate(model, tokenizer, ids, kv, new_tokens, spec.until)
+        prediction = generate(model, tokenizer, ids, kv, new_tokens, spec.until, frozen_scales)
         main, part = score(prediction, doc, spec)
         needles = locate_needles(doc, spec)
         record = {

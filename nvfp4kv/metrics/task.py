@@ -121,8 +121,11 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
     """All fidelity diagnostics for one KV config; see the module docstring for the outputs."""
     from nvfp4kv.cache import cache_kwarg_name, make_cache
 
+    from nvfp4kv.cache.first_batch import FrozenScales
+
     kv = _kv_config(kv)
     model, tokenizer = bundle.model, bundle.tokenizer
+    frozen_scales = FrozenScales()  # first_batch: the cell's first forward fixes the scales
     cache_kwarg = cache_kwarg_name(model)
     n_stream = max(settings.stream_tokens(), settings.capture_tokens)
     tokens = REFERENCE.get(model, ("tokens", n_stream), lambda: essay_tokens(tokenizer, n_stream))
@@ -135,7 +138,7 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
             model, ("window", window, settings.score_chunk),
             lambda: score_window(model, window, reference_cache(model), cache_kwarg, settings.score_chunk),
         )
-        got = score_window(model, window, make_cache(model, kv), cache_kwarg, settings.score_chunk)
+        got = score_window(model, window, make_cache(model, kv, frozen_scales), cache_kwarg, settings.score_chunk)
         per_pos = compare_logits(ref, got, window.targets)
         for i, target in enumerate(window.targets):
             nll = float(per_pos["nll"][i])
@@ -167,7 +170,7 @@ def run_fidelity_cell(bundle: Any, kv: Any, settings: FidelitySettings, *, progr
             model, ("greedy", prompt, settings.greedy_tokens),
             lambda: greedy_decode(model, prompt, settings.greedy_tokens, reference_cache(model), cache_kwarg),
         )
-        got_tokens = greedy_decode(model, prompt, settings.greedy_tokens, make_cache(model, kv), cache_kwarg)
+        got_tokens = greedy_decode(model, prompt, settings.greedy_tokens, make_cache(model, kv, frozen_scales), cache_kwarg)
         agree = agreement_length(ref_tokens, got_tokens)
         agreements.append(float(agree))
         samples.append({
