@@ -176,9 +176,10 @@ def test_one_prefill_per_context_and_memoized_scores(lm: KVQuantLM) -> None:
     mmlu = _mmlu_like(lm)
     multi = _multi_token(lm)
     together = _scores(lm, mmlu + multi)
-    delta = {k: lm.stats[k] - before.get(k, 0) for k in ("prefill_forwards", "chunk_forwards")}
-    # one prefill per distinct context; MMLU's 4 choices share one chunk, the 3 texts need 3
-    assert delta == {"prefill_forwards": 2, "chunk_forwards": 1 + 3}
+    delta = {k: lm.stats[k] - before.get(k, 0) for k in ("prefill_forwards", "prefill_replays", "chunk_forwards")}
+    # one prefill per distinct context (run, or replayed from another format's: prefill_share.py);
+    # MMLU's 4 choices share one chunk, the 3 texts need 3
+    assert delta["prefill_forwards"] + delta["prefill_replays"] == 2 and delta["chunk_forwards"] == 1 + 3
 
     # the forked (deep-copied) caches give exactly what scoring each request alone gives
     alone = []
@@ -212,3 +213,43 @@ def test_set_kv_switches_format_without_reloading(lm: KVQuantLM, monkeypatch: py
     assert seen == ["bf16", "k-fp8_e4m3/v-nvfp4"]
     assert not torch.equal(bf16, mixed)
     assert lm.get_model_info()["kv"] == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", [
+    "nvfp4", "fp8_e4m3", "k=fp8_e4m3;v=nvfp4;sink_tokens=2", "int4;residual_length=8",
+    "nvfp4;scale_policy=first_batch", "mxfp4;skip_layers=[0]",
+])
+def test_a_shared_prefill_scores_bit_identically_to_its_own(bundle: ModelBundle, kv: str) -> None:
+    """Replaying another format's prefill K/V into this format's cache (prefill_share.py) gives
+    exactly the scores of running this format's own prefill; and the model runs no prefill."""
+    from nvfp4kv.eval import prefill_share
+
+    own = KVQuantLM.from_bundle(bundle, kv=kv, progress=False, share_prefill=False)
+    requests = _mmlu_like(own) + _multi_token(own)
+    want = _scores(own, requests)
+    assert own.stats["prefill_replays"] == 0
+
+    prefill_share._STORES.pop(bundle.model, None)  # an empty store: the bf16 cell fills it
+    shared = KVQuantLM.from_bundle(bundle, kv="bf16", progress=False)
+    _scores(shared, requests)
+    assert shared.stats["prefill_forwards"] == 2 and shared.stats["prefill_replays"] == 0
+    shared.set_kv(kv)
+    got = _scores(shared, requests)
+    assert shared.stats["prefill_forwards"] == 2 and shared.stats["prefill_replays"] == 2
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_a_prefill_is_not_shared_when_the_read_mode_makes_it_format_dependent(bundle: ModelBundle) -> None:
+    from nvfp4kv.eval import prefill_share
+
+    prefill_share._STORES.pop(bundle.model, None)
+    lm = KVQuantLM.from_bundle(bundle, kv="bf16", progress=False)
+    requests = _mmlu_like(lm)
+    _scores(lm, requests)
+    lm.set_kv("nvfp4;read_mode=quantized")  # the prefill itself reads quantized K/V
+    before = dict(lm.stats)
+    _scores(lm, requests)
+    assert lm.stats["prefill_replays"] == before.get("prefill_replays", 0)
+    assert lm.stats["prefill_forwards"] == before["prefill_forwards"] + 1 == 2

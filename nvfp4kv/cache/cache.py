@@ -18,7 +18,7 @@ and any other layer type (linear attention, dummy) gets transformers' own layer 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -54,6 +54,9 @@ class QuantizedKVCache(Cache):
         self.frozen_scales = frozen_scales if frozen_scales is not None else FrozenScales()
         #: scale_policy=checkpoint: (k_scale, v_scale) per layer read from the checkpoint
         self._checkpoint_scales: dict[int, tuple[float, float]] | None = None
+        #: called as ``observer(layer_idx, key, value)`` before each write is stored: how a prefill's
+        #: raw K/V are recorded to be shared with other formats (nvfp4kv/eval/prefill_share.py)
+        self.write_observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         #: the backend every layer encodes/decodes with (chosen once, here, from config.backend)
         self.codec: KernelBackend = resolve_backend(config.backend)
         self._k_format = config.build_format("k")
@@ -83,6 +86,8 @@ class QuantizedKVCache(Cache):
         failure (see :meth:`PackedKVLayer.update`).
         """
         check_kv_states(key_states, value_states, f"Layer {layer_idx}")
+        if self.write_observer is not None:
+            self.write_observer(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ------------------------------------------------------------------ building layers

@@ -74,6 +74,7 @@ from tqdm.auto import tqdm
 
 from nvfp4kv.cache import KVCacheConfig, cache_kwarg_name, make_cache
 from nvfp4kv.cache.first_batch import FrozenScales
+from nvfp4kv.eval import prefill_share
 from nvfp4kv.errors import ConfigError
 
 LoglikelihoodMode = Literal["decode_faithful", "all_quantized", "raw_prefill"]
@@ -150,6 +151,7 @@ class KVQuantLM(HFLM):
         kv: KVCacheConfig | dict[str, Any] | str | None = "bf16",
         loglikelihood_mode: LoglikelihoodMode = "decode_faithful",
         progress: bool = True,
+        share_prefill: bool = True,
         **kwargs: Any,
     ) -> None:
         if isinstance(pretrained, str) and pretrained.startswith("embedded:"):
@@ -162,6 +164,8 @@ class KVQuantLM(HFLM):
         self._kv = parse_kv(kv)
         self.loglikelihood_mode: str = _check_mode(loglikelihood_mode)
         self.progress = progress
+        #: decode_faithful: reuse a prefix's prefill K/V across KV formats (exact; prefill_share.py)
+        self.share_prefill = share_prefill
         self.stats: Counter[str] = Counter()
         self._score_memo: dict[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
         #: first_batch policy: the scales the first forward of this KV setting froze (reset by set_kv)
@@ -266,10 +270,28 @@ class KVQuantLM(HFLM):
         return results  # type: ignore[return-value]
 
     def _prefill(self, prefix: tuple[int, ...]) -> Any:
+        """A fresh cache holding ``prefix``. With ``share_prefill`` and a read mode under which the
+        prefill is format-independent, a prefix already computed (by any KV format) is replayed
+        into the cache instead of run again (exact: see nvfp4kv/eval/prefill_share.py)."""
         cache = self._fresh_cache()
-        if prefix:
-            self.stats["prefill_forwards"] += 1
+        if not prefix:
+            return cache
+        store = (prefill_share.store_for(self.model)
+                 if self.share_prefill and self._kv.read_mode in prefill_share.SHAREABLE_READ_MODES else None)
+        writes = store.get(prefix) if store is not None else None
+        if writes is not None:
+            self.stats["prefill_replays"] += 1
+            prefill_share.replay(cache, writes)
+            return cache
+        recorder = prefill_share.WriteRecorder() if store is not None else None
+        cache.write_observer = recorder
+        self.stats["prefill_forwards"] += 1
+        try:
             self._forward(torch.tensor([prefix], dtype=torch.long, device=self.device), cache)
+        finally:
+            cache.write_observer = None
+        if store is not None and recorder is not None:
+            store.put(prefix, recorder.writes)
         return cache
 
     def _score_chunk(self, prefix: tuple[int, ...], chunk: tuple[int, ...],
