@@ -1,0 +1,70 @@
+"""The study's tables and figure from its run directories: ``python -m experiments.study_report <run dir>...``.
+
+Pools a benchmark split into resumable cells (``mmlu_a``, ``mmlu_b``, ``mmlu_c`` -> ``mmlu``: any
+tasks named ``<name>_<letter>``) question by question, then writes, next to the first run dir
+unless ``--out`` says otherwise: ``study_table.md`` / ``study_table.csv`` (accuracy, paired Δ vs
+BF16 with its 95% interval, answer flips, McNemar p, verdict), ``fidelity.md`` and
+``study_delta.png`` (Δ vs KV bits per element). Everything goes through :mod:`nvfp4kv.analysis`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from nvfp4kv import analysis as A
+from nvfp4kv.analysis.study import fidelity_summary, pool_tasks, study_markdown, study_table
+
+#: chance accuracy of the pooled tasks a study uses (a flag, not a correction)
+CHANCE = {"mmlu": 0.25}
+
+
+def auto_pools(tasks: list[str]) -> dict[str, list[str]]:
+    pools: dict[str, list[str]] = defaultdict(list)
+    for task in tasks:
+        m = re.fullmatch(r"(.+)_[a-z]", task)
+        if m:
+            pools[m.group(1)].append(task)
+    return {name: sorted(parts) for name, parts in pools.items() if len(parts) > 1}
+
+
+def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = "acc,none") -> dict[str, Path]:
+    tidy = A.load_results(run_dirs)
+    samples = A.load_samples(run_dirs)
+    pools = auto_pools(sorted(samples["task"].unique()))
+    pooled = pool_tasks(samples, pools)
+    bits = {kv: float(b) for kv, b in tidy.groupby("kv")["bits_per_element"].first().items() if pd.notna(b)}
+    table = study_table(pooled, metric=metric, baseline=baseline, chance=CHANCE, bits=bits)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "study_table.csv", "md": out / "study_table.md", "fidelity": out / "fidelity.md",
+             "figure": out / "study_delta.png"}
+    A.to_csv(table, paths["csv"])
+    paths["md"].write_text(study_markdown(table, baseline) + "\n")
+    fid = fidelity_summary(tidy, baseline=baseline)
+    paths["fidelity"].write_text((fid.to_markdown(index=False) if not fid.empty else "(no fidelity cells)") + "\n")
+    cmp_like = table.assign(value=table["accuracy"], run_id="study", stderr=table["acc_ci95"] / 1.96)
+    A.save_figure(A.plot_delta_vs_bits(cmp_like, baseline=baseline), paths["figure"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--out", type=Path, default=None, help="default: <first run dir>/study")
+    parser.add_argument("--baseline", default="bf16")
+    parser.add_argument("--metric", default="acc,none")
+    args = parser.parse_args(argv)
+    out = args.out or Path(args.run_dirs[0]) / "study"
+    paths = build(args.run_dirs, out, args.baseline, args.metric)
+    print(paths["md"].read_text())
+    print(paths["fidelity"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The study table: per task and KV setting, accuracy, paired Δ vs BF16 with its 95% interval, answer
+flips, McNemar p, and a verdict on whether the task can tell formats apart at all.
+
+Why a module of its own: a study splits one benchmark into small resumable cells (MMLU in subject
+groups ``mmlu_a``, ``mmlu_b``, ...), and a reader wants one row per benchmark, pooled over those
+cells and paired question by question. Pooling happens here, on the per-sample records, never on
+cell means (equal-sized cells would hide nothing, but unequal ones would weight wrongly).
+
+A task is flagged **non-discriminative** when its baseline accuracy's 95% interval reaches chance
+(the model does not know the task, so no format can lose it) or when the paired interval of a
+format's Δ is wider than ``max_half_width`` points (too few samples to tell formats apart at the
+size of effect that matters). The flag is reported, never used to drop a row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nvfp4kv import stats
+
+Z95 = 1.959963984540054
+STUDY_COLUMNS = ["model", "task", "metric", "kv", "bits_per_element", "n", "accuracy", "acc_ci95", "delta",
+                 "ci_low", "ci_high", "lost", "gained", "p_mcnemar", "verdict"]
+
+
+def pool_tasks(samples: pd.DataFrame, pools: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Rename the cells' tasks ``pools[name]`` to ``name`` (e.g. ``{"mmlu": ["mmlu_a", "mmlu_b"]}``).
+
+    Samples keep their own ``sample_task``/``doc_id``, so pairing stays question by question.
+    """
+    rename = {part: name for name, parts in pools.items() for part in parts}
+    return samples.assign(task=samples["task"].map(lambda t: rename.get(t, t)))
+
+
+def _records(group: pd.DataFrame) -> list[dict[str, Any]]:
+    keys = group["sample_task"] if "sample_task" in group else group["task"]
+    return [{"task": t, "doc_id": d, "metrics": {"m": v}} for t, d, v in zip(keys, group["doc_id"], group["value"])]
+
+
+def _verdict(base_acc: float, base_n: int, chance: float | None, half_width: float, max_half_width: float) -> str:
+    if chance is not None and base_n:
+        se = math.sqrt(max(base_acc * (1 - base_acc), 1e-12) / base_n)
+        if base_acc - Z95 * se <= chance:
+            return f"non-discriminative: BF16 within chance ({100 * chance:.0f}%)"
+    if math.isfinite(half_width) and half_width > max_half_width:
+        return f"non-discriminative: Δ interval ±{100 * half_width:.1f} pts > ±{100 * max_half_width:.0f}"
+    return "ok"
+
+
+def study_table(samples: pd.DataFrame, *, metric: str, baseline: str = "bf16", chance: Mapping[str, float] | None = None,
+                bits: Mapping[str, float] | None = None, max_half_width: float = 0.05, n_boot: int = 4000,
+                seed: int = 0) -> pd.DataFrame:
+    """One row per (model, task, kv) for ``metric`` (0/1 per sample): see the module docstring.
+
+    ``chance``: task -> chance accuracy (MMLU 0.25); ``bits``: kv -> bits per element (display).
+    ``lost``/``gained``: questions the baseline got right and this format wrong, and the reverse.
+    """
+    rows: list[dict[str, Any]] = []
+    sel = samples[samples["metric"] == metric]
+    for (model, task), group in sel.groupby(["model", "task"], sort=True):
+        base = group[group["kv"] == baseline]
+        base_records = _records(base)
+        base_acc = float(base["value"].mean()) if len(base) else math.nan
+        verdicts: list[str] = []
+        task_rows: list[dict[str, Any]] = []
+        for kv, kv_group in group.groupby("kv", sort=False):
+            acc = float(kv_group["value"].mean())
+            n = int(len(kv_group))
+            row: dict[str, Any] = {"model": model, "task": task, "metric": metric, "kv": kv,
+                                   "bits_per_element": (bits or {}).get(kv, math.nan), "n": n, "accuracy": acc,
+                                   "acc_ci95": Z95 * math.sqrt(max(acc * (1 - acc), 0.0) / n) if n else math.nan}
+            if kv == baseline or not base_records:
+                row.update(delta=0.0 if kv == baseline else math.nan, ci_low=math.nan, ci_high=math.nan,
+                           lost=0, gained=0, p_mcnemar=math.nan)
+            else:
+                paired = stats.paired_deltas(base_records, _records(kv_group), "m", n_boot=n_boot, seed=seed)
+                _, a, b = stats.match_samples(base_records, _records(kv_group), "m")
+                lost, gained = stats.discordant_counts(a, b)
+                row.update(delta=paired["delta"], ci_low=paired["ci_low"], ci_high=paired["ci_high"], lost=lost,
+                           gained=gained, p_mcnemar=paired["p_mcnemar"] if paired["p_mcnemar"] is not None else math.nan)
+                if paired["n"] != len(base_records) or paired["n"] != n:
+                    row["verdict_note"] = f"paired {paired['n']} of {n}"
+                verdicts.append(_verdict(base_acc, len(base_records), (chance or {}).get(task),
+                                         (paired["ci_high"] - paired["ci_low"]) / 2, max_half_width))
+            task_rows.append(row)
+        task_verdict = next((v for v in verdicts if v.startswith("non-discriminative: BF16")), None)
+        for row in task_rows:
+            if row["kv"] == baseline:
+                row["verdict"] = task_verdict or "baseline"
+            else:
+                row["verdict"] = task_verdict or verdicts.pop(0)
+        rows.extend(task_rows)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=STUDY_COLUMNS)
+    order = {kv: i for i, kv in enumerate([baseline, *[k for k in frame["kv"].unique() if k != baseline]])}
+    frame = frame.assign(_o=frame["kv"].map(order)).sort_values(["model", "task", "_o"]).drop(columns="_o")
+    return frame[[c for c in STUDY_COLUMNS if c in frame] + [c for c in frame if c not in STUDY_COLUMNS]]
+
+
+def study_markdown(table: pd.DataFrame, baseline: str = "bf16") -> str:
+    """The table as a reader sees it: percent, points, flips as ``-lost/+gained``."""
+    out = []
+    for _, r in table.iterrows():
+        is_base = r["kv"] == baseline
+        delta = "(baseline)" if is_base else (
+            f"{100 * r['delta']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+            if np.isfinite(r["ci_low"]) else "n/a")
+        out.append({
+            "task": r["task"], "KV": r["kv"],
+            "bits": "" if not np.isfinite(r["bits_per_element"]) else f"{r['bits_per_element']:g}",
+            "n": int(r["n"]), "accuracy %": f"{100 * r['accuracy']:.1f} ± {100 * r['acc_ci95']:.1f}",
+            f"Δ vs {baseline} (pts) [95% CI]": delta,
+            "flips (−lost/+gained)": "" if is_base else f"−{int(r['lost'])}/+{int(r['gained'])}",
+            "McNemar p": "" if is_base or not np.isfinite(r["p_mcnemar"]) else f"{r['p_mcnemar']:.2g}",
+            "verdict": r["verdict"],
+        })
+    frame = pd.DataFrame(out)
+    return frame.to_markdown(index=False) if not frame.empty else "(no rows)"
+
+
+def fidelity_summary(tidy: pd.DataFrame, metrics: Sequence[str] = ("kl_mean", "top1_agree", "greedy_agree_tokens", "sqnr_k_db_mean"),
+                     baseline: str = "bf16") -> pd.DataFrame:
+    """KV setting x fidelity metric (value ± 95% CI where a stderr exists), from :func:`load_results`."""
+    sel = tidy[(tidy["task"] == "fidelity") & tidy["metric"].isin(metrics)]
+    if sel.empty:
+        return pd.DataFrame()
+    cells = {}
+    for _, r in sel.iterrows():
+        se = float(r["stderr"]) if pd.notna(r["stderr"]) else math.nan
+        cells.setdefault(r["kv"], {})[r["metric"]] = (f"{r['value']:.4g}" + (f" ± {Z95 * se:.2g}" if math.isfinite(se) else ""))
+    order = [baseline, *[k for k in cells if k != baseline]]
+    return pd.DataFrame([{"KV": kv, **cells[kv]} for kv in order if kv in cells])

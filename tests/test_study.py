@@ -1,0 +1,67 @@
+"""The study (issue 13): its sweep composes and runs on a tiny slice, and its table pools cells,
+pairs questions, counts flips and flags tasks that cannot tell formats apart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from experiments.study_report import auto_pools, build
+from nvfp4kv.analysis.study import pool_tasks, study_table
+
+REPO = Path(__file__).resolve().parents[1]
+SMOL_SCALES = REPO / "results/scales/smollm2-135m-instruct/gsm8k-n96-L1024-s1234.json"
+
+
+def frame(kv: str, task: str, outcomes: list[int], subject: str = "s") -> pd.DataFrame:
+    return pd.DataFrame({"model": "m", "task": task, "kv": kv, "metric": "acc", "sample_task": task,
+                         "doc_id": [f"{subject}:{i}" for i in range(len(outcomes))], "value": outcomes})
+
+
+def test_pooled_rows_pair_question_by_question_and_count_flips():
+    base = pd.concat([frame("bf16", "mmlu_a", [1, 1, 0, 1] * 50, "x"), frame("bf16", "mmlu_b", [1, 0] * 100, "y")])
+    # nvfp4 loses the first question of every 4 in part a, gains every second in part b
+    lossy = pd.concat([frame("nvfp4", "mmlu_a", [0, 1, 0, 1] * 50, "x"), frame("nvfp4", "mmlu_b", [1, 1] * 100, "y")])
+    pooled = pool_tasks(pd.concat([base, lossy]), auto_pools(["mmlu_a", "mmlu_b"]))
+    table = study_table(pooled, metric="acc", chance={"mmlu": 0.25}, bits={"bf16": 16, "nvfp4": 4.5}, n_boot=500)
+    assert list(table["task"]) == ["mmlu", "mmlu"] and list(table["kv"]) == ["bf16", "nvfp4"]
+    row = table.iloc[1]
+    assert row["n"] == 400 and (row["lost"], row["gained"]) == (50, 100)
+    assert row["delta"] == pytest.approx((100 - 50) / 400)
+    assert row["ci_low"] < row["delta"] < row["ci_high"]
+    # 150 discordant answers of 400: an interval of about +-5.8 points, too wide for the default +-5
+    assert row["verdict"].startswith("non-discriminative: Δ interval ±5.")
+    wider = study_table(pooled, metric="acc", chance={"mmlu": 0.25}, max_half_width=0.1, n_boot=500)
+    assert list(wider["verdict"]) == ["baseline", "ok"]
+
+
+def test_a_task_at_chance_is_flagged_non_discriminative():
+    chance_level = frame("bf16", "mmlu", [1, 0, 0, 0] * 10).assign(sample_task="mmlu")
+    other = frame("fp8", "mmlu", [0, 1, 0, 0] * 10).assign(sample_task="mmlu")
+    table = study_table(pd.concat([chance_level, other]), metric="acc", chance={"mmlu": 0.25}, n_boot=200)
+    assert all(v.startswith("non-discriminative: BF16 within chance") for v in table["verdict"])
+
+
+def test_study_sweep_composes_and_runs_on_a_tiny_slice(tmp_path):
+    """The committed study config (every KV setting, static scales, both task kinds) end to end, on
+    the embedded model with SmolLM2's own scales file and one MMLU question."""
+    run_dir = tmp_path / "study"
+    statics = [f"kvs.{kv}.static_scales_file={SMOL_SCALES}" for kv in ("fp8", "nvfp4", "k_fp8_v_nvfp4")]
+    cmd = [sys.executable, "-m", "experiments.run", "+sweep=study", "model=smollm2",
+           "model.name_or_path=embedded:smollm2-135m-instruct", "model.dtype=float32", f"run_dir={run_dir}",
+           "progress=false", "~tasks.mmlu_b", "~tasks.mmlu_c", "tasks.mmlu_a.subjects=[abstract_algebra]",
+           "tasks.mmlu_a.limit=1", "tasks.fidelity.context_lens=[64]", "tasks.fidelity.n_score=8",
+           "tasks.fidelity.n_windows=1", "tasks.fidelity.greedy_prompts=1", "tasks.fidelity.greedy_prompt_len=16",
+           "tasks.fidelity.greedy_tokens=4", "tasks.fidelity.capture_tokens=64", *statics]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = build([str(run_dir)], tmp_path / "report")
+    table = pd.read_csv(paths["csv"])
+    assert sorted(table["kv"]) == sorted(["bf16", "fp8", "nvfp4", "k_fp8_v_nvfp4", "mxfp4", "fp4_mx_block16",
+                                          "int4_kivi"])
+    assert (table["n"] == 1).all() and paths["figure"].stat().st_size > 0
+    assert "kl_mean" in paths["fidelity"].read_text()
