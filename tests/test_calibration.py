@@ -160,11 +160,21 @@ def test_first_batch_divisors_reproduce_an_engines_constants(model):
 
 # ---------------------------------------------------------------------------- checkpoint scales
 @pytest.mark.parametrize("name", ["model.layers.{i}.self_attn.k_proj.k_scale", "model.layers.{i}.self_attn.k_scale",
-                                  "model.layers.{i}.self_attn.attn.k_scale", "model.layers.{i}.self_attn.k_proj.output_scale"])
+                                  "model.layers.{i}.self_attn.attn.k_scale", "model.layers.{i}.self_attn.k_proj.output_scale",
+                                  "model.layers.{i}.self_attn.qkv_proj.k_scale", "model.language_model.layers.{i}.mixer.k_proj.k_scale",
+                                  "model.layers.{i}.self_attn.k_cache.scale"])
 def test_checkpoint_scale_names_engines_accept_are_recognized(name):
     assert match_scale_name(name.format(i=7)) == (7, "k")
     assert match_scale_name(name.format(i=7).replace("k_", "v_")) == (7, "v")
     assert match_scale_name("model.layers.7.self_attn.k_proj.weight") is None
+
+
+def test_the_deprecated_single_kv_scale_serves_k_and_v(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({f"model.layers.{i}.self_attn.kv_scale": torch.tensor(0.5 + i) for i in range(2)},
+              str(tmp_path / "m.safetensors"))
+    assert read_checkpoint_scales(tmp_path) == {0: (0.5, 0.5), 1: (1.5, 1.5)}
 
 
 def test_checkpoint_policy_reads_the_scales_a_checkpoint_carries(tmp_path, model):

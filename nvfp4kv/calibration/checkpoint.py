@@ -19,15 +19,24 @@ from pathlib import Path
 
 from nvfp4kv.errors import ConfigError
 
-#: (regex over a tensor name -> layer index, "k" | "v"); see docs/engines.md for each loader's names
+#: (regex over a tensor name -> layer index, "k" | "v"); docs/engines.md, "Checkpoint K/V scale tensor
+#: names", lists who writes and who reads each (vLLM 0.33.0, SGLang 0.5.23, TensorRT-LLM, ModelOpt)
 SCALE_NAME_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
-    # ModelOpt / HF FP8 export, vLLM's remap source: model.layers.3.self_attn.k_proj.k_scale
+    # ModelOpt HF export: model.layers.3.self_attn.k_proj.k_scale (vLLM/SGLang remap it to .attn.k_scale)
     r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.(?P<which>[kv])_proj\.(?P=which)_scale$",
-    # compressed-tensors (llm-compressor) and vLLM's own name: model.layers.3.self_attn.k_scale
+    # compressed-tensors (llm-compressor) and vLLM's own name: model.layers.3.self_attn[.attn].k_scale
     r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.(?:attn\.)?(?P<which>[kv])_scale$",
-    # older compressed-tensors: model.layers.3.self_attn.k_proj.output_scale
+    # Quark and vLLM `quant_method: fp8` checkpoints: model.layers.3.self_attn.k_proj.output_scale
     r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.(?P<which>[kv])_proj\.output_scale$",
+    # fused-QKV exports (vLLM only): model.layers.3.self_attn.qkv_proj.k_scale / qkqkv_proj
+    r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.qk(?:qk)?v_proj\.(?P<which>[kv])_scale$",
+    # NemotronH (ModelOpt): model.layers.3.mixer.k_proj.k_scale
+    r"(?:^|\.)layers\.(?P<layer>\d+)\.mixer\.(?P<which>[kv])_proj\.(?P=which)_scale$",
+    # HYV3 (vLLM only): model.layers.3.self_attn.k_cache.scale
+    r"(?:^|\.)layers\.(?P<layer>\d+)\.self_attn\.(?P<which>[kv])_cache\.scale$",
 ))
+#: the deprecated single ``kv_scale`` (one value for K and V, as vLLM/SGLang use it)
+KV_SCALE_PATTERN = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\..*\.kv_scale$")
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -39,12 +48,14 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def match_scale_name(name: str) -> tuple[int, str] | None:
-    """``(layer, "k"|"v")`` if ``name`` is a K/V scale tensor under a known name, else None."""
+    """``(layer, "k"|"v"|"kv")`` if ``name`` is a K/V scale tensor under a known name, else None
+    (``"kv"``: the deprecated single ``kv_scale`` used for both)."""
     for pattern in SCALE_NAME_PATTERNS:
         m = pattern.search(name)
         if m:
             return int(m.group("layer")), m.group("which")
-    return None
+    m = KV_SCALE_PATTERN.search(name)
+    return (int(m.group("layer")), "kv") if m else None
 
 
 @lru_cache(maxsize=8)
@@ -60,9 +71,11 @@ def _read(path_str: str, mtimes: tuple[int, ...]) -> dict[int, tuple[float, floa
                     continue
                 value = f.get_tensor(name).float()
                 if value.numel() != 1:
-                    raise ConfigError(f"checkpoint scale {name} in {file} has {value.numel()} values; only per-tensor "
-                                      f"K/V scales are read (one per layer). Use scale_policy=static with a scales file.")
-                found.setdefault(hit[0], {})[hit[1]] = float(value.reshape(()))
+                    raise ConfigError(f"checkpoint scale {name} in {file} has {value.numel()} values (per-head scales, "
+                                      f"compressed-tensors attn_head); only per-tensor K/V scales are read, as SGLang "
+                                      f"and vLLM's default loaders do. Use scale_policy=static with a scales file.")
+                for which in ("k", "v") if hit[1] == "kv" else (hit[1],):
+                    found.setdefault(hit[0], {}).setdefault(which, float(value.reshape(())))
     incomplete = sorted(i for i, kv in found.items() if set(kv) != {"k", "v"})
     if incomplete:
         raise ConfigError(f"checkpoint {path_str} has a k_scale without a v_scale (or the reverse) in layers "
