@@ -20,11 +20,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import nvfp4kv.config  # noqa: F401  (registers the schemas configs/calibrate.yaml starts from, and the resolvers)
 from nvfp4kv.errors import NVFP4KVError
-from nvfp4kv.eval.config_resolvers import register_resolvers
 
 CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "configs")
-register_resolvers()
 
 
 def default_output(model_label: str, dataset: str, n: int, max_length: int, seed: int) -> Path:
@@ -42,7 +41,7 @@ def run(cfg: DictConfig) -> Path:
     from nvfp4kv.eval.loaded_model import get_model
     from nvfp4kv.eval.plan import _model_spec
 
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(plain, dict)
     kv = KVCacheConfig.from_dict(plain["kv"])
     model_cfg = dict(plain["model"])

@@ -11,10 +11,17 @@ The sweep is *appended* (``+sweep=``) because configs/config.yaml has no default
 
 Results land in ``run_dir`` (default ``results/runs/<sweep>/<timestamp>-<random>``); see
 nvfp4kv/eval/sweep.py for what a run does and nvfp4kv/results.py for the files it writes.
+
+A bad value fails before torch or lm-eval are imported: Hydra composes the config through the
+schemas of :mod:`nvfp4kv.config` (a wrong type, a value outside a closed choice, an unknown key),
+then :func:`nvfp4kv.config.check.check_config` checks ranges and KV format names. Either way the
+error is one line on stderr naming the key and the allowed values, exit code 2 (``debug=true`` or
+``HYDRA_FULL_ERROR=1``: with the traceback). Only then is the sweep runner imported.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -23,8 +30,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from nvfp4kv.config.check import check_config, describe_error, resolve_config  # torch-free
+from nvfp4kv.config.resolvers import missing_sweep_message
 from nvfp4kv.errors import NVFP4KVError
-from nvfp4kv.eval.sweep import missing_sweep_message, run_sweep
 
 #: flags with which Hydra does not run the task (help, config printing, shell completion)
 _NO_RUN_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
@@ -57,6 +65,9 @@ EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 def main(cfg: DictConfig) -> None:
     debug = bool(cfg.get("debug", False))
     try:
+        check_config(resolve_config(cfg))  # cheap, before torch: a bad value costs a second
+        from nvfp4kv.eval.sweep import run_sweep  # imports torch, transformers (lm-eval: per task kind)
+
         run_dir = run_sweep(cfg)
     except NVFP4KVError as err:  # user-actionable: one line naming the fix, no traceback
         if debug:
@@ -73,8 +84,35 @@ def main(cfg: DictConfig) -> None:
     print(f"results: {run_dir}")
 
 
-if __name__ == "__main__":
-    if not _sweep_given(sys.argv[1:]):
+def _debug_requested(argv: list[str]) -> bool:
+    return any(arg.lstrip("+") in ("debug=true", "debug=True") for arg in argv)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m experiments.run``: Hydra's run, with composition errors (a bad override, a config
+    that does not exist) as one line and exit code 2 instead of Hydra's report and exit code 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not _sweep_given(argv):
         print(missing_sweep_message(), file=sys.stderr)
-        sys.exit(2)
-    main()
+        sys.exit(EXIT_USER_ERROR)
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing them
+    try:
+        main()
+    except Exception as err:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if not isinstance(err, (HydraException, OmegaConfBaseException)) or user_full_error:
+            raise
+        if _debug_requested(argv):
+            traceback.print_exc()
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    finally:
+        if not user_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+if __name__ == "__main__":
+    cli()

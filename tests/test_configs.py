@@ -79,7 +79,7 @@ def test_every_kv_config_is_a_valid_cache_config(name):
     """Every key of the YAML reaches the KVCacheConfig unchanged (K/V options on top of the format's
     own defaults, as KIVI's), so no key is silently dropped, renamed or defaulted."""
     cfg = compose_cfg("+sweep=smoke", f"+kv@kvs.extra={name}")
-    written = OmegaConf.to_container(cfg.kvs.extra, resolve=True)
+    written = OmegaConf.to_container(cfg.kvs.extra, resolve=True, enum_to_str=True)
     kv = KVCacheConfig.from_dict(cfg.kvs.extra).to_dict()
     assert set(kv) == set(written)
     for side in ("k", "v"):
@@ -101,20 +101,24 @@ def test_kv_configs_mean_what_their_names_say():
     assert kvs["int4_kivi"].residual_length == 128
 
 
-def test_kv_base_lists_every_cache_config_field_with_its_default():
-    """So `kvs.<label>.<field>=...` works for every field without `+`, and the YAML tracks the code."""
-    base = yaml.safe_load((CONFIG_DIR / "kv" / "_base.yaml").read_text())
-    fields = {f.name: f for f in dataclasses.fields(KVCacheConfig)}
-    assert set(base) == set(fields)
+def test_kv_schema_lists_every_cache_config_field_with_its_default():
+    """So `kvs.<label>.<field>=...` works for every field without `+` (the KV files state only what
+    differs), and the schema tracks the code: KVSchema's defaults are a BF16 KVCacheConfig's."""
+    from nvfp4kv.config.schema import KVSchema
+
+    assert not (CONFIG_DIR / "kv" / "_base.yaml").exists(), "the defaults live in the schema"
+    schema = OmegaConf.to_container(OmegaConf.structured(KVSchema), enum_to_str=True)
+    assert list(schema) == [f.name for f in dataclasses.fields(KVCacheConfig)]
     defaults = KVCacheConfig(k_format="bf16", v_format="bf16").to_dict()
     deliberate = {"dequant_cache"}  # CPU fast path on by default in sweeps: same outputs, faster
-    assert {k: v for k, v in base.items() if k not in deliberate} == {k: v for k, v in defaults.items() if k not in deliberate}
+    assert {k: v for k, v in schema.items() if k not in deliberate} == {k: v for k, v in defaults.items() if k not in deliberate}
+    assert schema["dequant_cache"] is True
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_configs_are_model_specs(name):
     cfg = compose_cfg("+sweep=smoke", f"model={name}", "model.name_or_path=/x" if name == "local" else "seed=1")
-    spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
+    spec = ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True))
     assert spec.device == cfg.device
 
 
@@ -162,15 +166,23 @@ def test_unknown_field_override_is_refused_by_hydra():
 @pytest.mark.parametrize(
     "override, pattern",
     [
-        ("kvs.nvfp4.k_format=nvfp5", r"kvs\.nvfp4: .*nvfp5.*Known formats.*kvs\.nvfp4\.k_format="),
-        ("+kvs.nvfp4.residual_len=64", r"kvs\.nvfp4: Unknown KV cache config keys \['residual_len'\]"),
-        ("kvs.nvfp4.read_mode=sometimes", r"kvs\.nvfp4: read_mode='sometimes'"),
+        ("kvs.nvfp4.k_format=nvfp5", r"kvs\.nvfp4: Unknown KV format 'nvfp5' \(kvs\.nvfp4\.k_format\); use one of "
+                                     r"bf16, .*nvfp4"),
         ("limit=0", r"limit=0"),
         ("tasks.passkey.kind=nope", r"Unknown task kind 'nope'"),
-        ("+tasks.passkey.colour=red", r"tasks\.passkey: Unknown key\(s\) \['colour'\]"),
+        ("+tasks.x={kind:passkey,colour:red}", r"tasks\.x: Unknown key\(s\) \['colour'\] in passkey task config"),
+        ("+tasks.passkey.colour=red", r"tasks\.passkey: Unknown key\(s\) \['colour'\] in passkey task config"),
+        ("+kvs.nvfp4.residual_len=64", r"kvs\.nvfp4: Unknown KV cache config keys \['residual_len'\]"),
+        ("+tasks.x={kind:passkey,trials:abc}", r"tasks\.x\.trials='abc' must be an integer"),
+        ("+kvs.x={k_format:nvfp4,read_mode:sometimes}", r"kvs\.x\.read_mode='sometimes' is not allowed; use one of "
+                                                        r"serving, quantized, raw_fresh"),
+        ("+kvs.x={k_format:nvfp4,residual_len:64}", r"kvs\.x: Unknown KV cache config keys \['residual_len'\]"),
+        ("shard=2", r"shard=2 num_shards=1"),
+        ("batch_size=0", r"batch_size=0 is not allowed; use an integer >= 1 or auto"),
     ],
 )
 def test_bad_overrides_fail_before_loading_the_model(override, pattern, monkeypatch):
+    """What composition cannot refuse (ranges, format names, inline nodes) fails in the cheap check."""
     def no_model(spec):  # pragma: no cover - reaching it is the failure
         raise AssertionError("the model must not be loaded for a config error")
 
@@ -179,6 +191,34 @@ def test_bad_overrides_fail_before_loading_the_model(override, pattern, monkeypa
                       "run_dir=/tmp/unused")
     with pytest.raises(ConfigError, match=pattern):
         sweep_mod.run_sweep(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("kvs.nvfp4.scale_policy=sometimes",
+         "kvs.nvfp4.scale_policy='sometimes' is not allowed; use one of dynamic, prefill, static, checkpoint, "
+         "first_batch, unit."),
+        ("kvs.nvfp4.read_mode=sometimes", "kvs.nvfp4.read_mode='sometimes' is not allowed; use one of serving, "
+                                          "quantized, raw_fresh."),
+        ("model.dtype=float13", "model.dtype='float13' is not allowed; use one of bfloat16, bf16, float16, fp16, "
+                                "float32, fp32."),
+        ("loglikelihood_mode=x", "loglikelihood_mode='x' is not allowed; use one of decode_faithful, all_quantized, "
+                                 "raw_prefill."),
+        ("tasks.mmlu.num_fewshot=abc", "tasks.mmlu.num_fewshot='abc' must be an integer; fix the value."),
+        ("tasks.passkey.colour=red", "tasks.passkey.colour: no such key; valid keys: kind, name, context_lengths, "),
+        ("kvs.nvfp4.residual_len=64", "kvs.nvfp4.residual_len: no such key; valid keys: k_format, v_format, "),
+    ],
+)
+def test_bad_values_are_refused_when_hydra_composes(override, line):
+    """The schemas make composition itself refuse a wrong type, a value outside a closed choice and
+    an unknown key; describe_error turns that into the one line the CLI prints."""
+    from nvfp4kv.config.check import describe_error
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg("+sweep=smoke", override)
+    assert describe_error(info.value).startswith(line)
+    assert "\n" not in describe_error(info.value)
 
 
 def test_local_model_needs_a_path():

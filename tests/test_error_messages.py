@@ -19,6 +19,24 @@ FIX_WORDS = re.compile(r"\b(set|use|give|drop|pick|fix|pass|lower|point|recalibr
                        r"start a new|delete|unset|add|move|keep)\b", re.IGNORECASE)
 
 
+def _kv_values(*args, **kwargs):
+    from nvfp4kv.config.kv import kv_values
+
+    return kv_values(*args, **kwargs)
+
+
+def _check_task(*args):
+    from nvfp4kv.config.check import check_task
+
+    return check_task(*args)
+
+
+def _check_run_keys(config):
+    from nvfp4kv.config.check import check_run_keys
+
+    return check_run_keys(config)
+
+
 def _message(call) -> str:
     with pytest.raises(NVFP4KVError) as info:
         call()
@@ -38,7 +56,13 @@ CASES = {
                                                static_scales={0: "x"}), "static_scales={0: [0.01, 0.02]}"),
     "zero static scale": (lambda: KVCacheConfig(k_format="nvfp4", v_format="nvfp4", scale_policy="static",
                                                 static_scales={0: [0.0, 1.0]}), "amax/(6*448)"),
-    "unknown key": (lambda: KVCacheConfig.from_dict({"k_fromat": "nvfp4"}), "configs/kv/_base.yaml"),
+    "unknown key": (lambda: KVCacheConfig.from_dict({"k_fromat": "nvfp4"}), "KVSchema"),
+    "unknown format name": (lambda: _kv_values({"k_format": "nvfp5"}, where="kvs.x"), "kvs.x.k_format=<name>"),
+    "scale policy outside its choices": (lambda: _kv_values({"scale_policy": "sometimes"}, where="kvs.x"),
+                                         "use one of dynamic, prefill"),
+    "inline task of a built-in kind": (lambda: _check_task("x", {"kind": "passkey", "trial": 2}), "Fix the key's"),
+    "limit of zero": (lambda: _check_task("x", {"kind": "passkey", "limit": 0}), "set tasks.x.limit=<n>"),
+    "batch size": (lambda: _check_run_keys({"batch_size": "many"}), "use an integer >= 1 or auto"),
     "not a mapping": (lambda: KVCacheConfig.from_dict(["nvfp4"]), "k_format"),
     "bad scale policy": (lambda: KVCacheConfig(scale_policy="sometimes"), "prefill"),
 }

@@ -13,27 +13,28 @@ import importlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
+# The closed choices and the parser of a KV setting live in torch-free nvfp4kv.config (the Hydra
+# schemas use the same ones): "torch" is the only backend in this package, the rest in nvfp4kv.kernels.
+from nvfp4kv.config.choices import (  # noqa: F401  (re-exported)
+    BACKENDS,
+    NONFINITE_POLICIES,
+    READ_MODES,
+    SCALE_POLICIES,
+    NonFinite,  # "raise" | "map" | "keep" ("error": deprecated alias of "raise")
+    ReadMode,
+    ScalePolicy,
+)
+from nvfp4kv.config.kv import kv_values
 from nvfp4kv.errors import ConfigError, UnknownFormatError
 from nvfp4kv.formats.base import (
-    NONFINITE_POLICIES,
     available_formats,
     KVFormat,
-    NonFinitePolicy,
     format_class,
     get_format,
     normalize_nonfinite,
 )
-
-ScalePolicy = Literal["dynamic", "prefill", "static", "checkpoint", "first_batch", "unit"]
-ReadMode = Literal["serving", "quantized", "raw_fresh"]
-NonFinite = NonFinitePolicy  # "raise" | "map" | "keep" ("error": deprecated alias of "raise")
-
-SCALE_POLICIES: tuple[str, ...] = get_args(ScalePolicy)
-READ_MODES: tuple[str, ...] = get_args(ReadMode)
-#: backends the config accepts; only "torch" lives in this package, the rest in nvfp4kv.kernels
-BACKENDS: tuple[str, ...] = ("torch", "triton", "flashinfer", "auto")
 
 
 
@@ -367,23 +368,12 @@ class KVCacheConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVCacheConfig:
-        """Build from a dict (e.g. ``to_dict()`` output, a JSON record or a Hydra DictConfig)."""
-        try:  # Hydra hands DictConfig objects; make them plain containers first
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(data, DictConfig):
-                data = OmegaConf.to_container(data, resolve=True)  # type: ignore[assignment]
-        except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
-            pass
-        if not isinstance(data, Mapping):
+        """Build from a dict (e.g. ``to_dict()`` output, a JSON record or a Hydra DictConfig), its keys
+        and values checked by the one parser of a KV setting (:func:`nvfp4kv.config.kv.kv_values`)."""
+        if not isinstance(data, Mapping):  # DictConfig is a Mapping too
             raise ConfigError(f"KVCacheConfig.from_dict needs a mapping; got {type(data).__name__}. Pass a dict of "
                               f"KVCacheConfig fields, e.g. {{'k_format': 'nvfp4', 'v_format': 'nvfp4'}}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown KV cache config keys {unknown}; valid keys are {sorted(known)}. Fix the key's "
-                              f"spelling (see configs/kv/_base.yaml).")
-        return cls(**dict(data))
+        return cls(**kv_values(data))
 
     # ------------------------------------------------------------------ naming
     @property

@@ -7,26 +7,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nvfp4kv.config.schema import task_family_keys
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.eval.task_checks import check_num_fewshot
 
-#: task_cfg keys this runner reads (others, like ``kind``/``name``, belong to the runner)
-TASK_CONFIG_KEYS = (
-    "kind", "name", "lm_eval_task", "num_fewshot", "metrics", "gen_kwargs", "subjects", "metadata",
-    "data_dir", "loglikelihood_mode", "bootstrap_iters", "apply_chat_template", "fewshot_as_multiturn",
-    "system_instruction", "batch_size",
-)
+#: task_cfg keys this runner reads (others, like ``kind``/``name``, belong to the runner): the fields of
+#: the ``lm_eval`` schema (nvfp4kv/config/schema.py, LmEvalTaskSchema), the one list of them
+TASK_CONFIG_KEYS = task_family_keys("lm_eval")
 
 
 def to_plain(value: Any) -> Any:
-    """Hydra's DictConfig/ListConfig (also nested) as plain dicts/lists, so lm-eval and JSON see
-    ordinary containers."""
+    """Hydra's DictConfig/ListConfig (also nested) as plain dicts/lists (closed choices as strings),
+    so lm-eval and JSON see ordinary containers."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # pragma: no cover - omegaconf ships with hydra-core
         return value
     if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list):

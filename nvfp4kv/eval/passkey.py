@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nvfp4kv.config.schema import task_family_keys
 from nvfp4kv.errors import ConfigError, DatasetNotFoundError
 from nvfp4kv.eval.api import CellResult, MetricValue, register_task_kind
 
@@ -46,8 +47,8 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 _SENTENCE_BACKTRACK = 256  # tokens searched backwards for a sentence end
 _ESSAY_SEPARATOR = "\n\n"
 
-TASK_CONFIG_KEYS = ("kind", "name", "context_lengths", "depths", "trials", "digits", "max_new_tokens",
-                    "haystack_dir", "needle", "question", "intro")
+#: the keys of a passkey task: the fields of its schema (nvfp4kv/config/schema.py, PasskeyTaskSchema)
+TASK_CONFIG_KEYS = task_family_keys("passkey")
 
 
 @dataclass(frozen=True)

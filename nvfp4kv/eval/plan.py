@@ -1,33 +1,46 @@
 """Plan a sweep: turn the composed config into a validated :class:`SweepPlan`, loading no model.
 
 Everything a user can get wrong is checked here, in seconds, before the model loads (the
-slow, expensive step): KV configs, task names and their data, the model's location, the
-output directory. Each problem is one :class:`~nvfp4kv.errors.NVFP4KVError` whose message
-names the config key and the fix; ``experiments/run.py`` prints it as one line (exit 2).
+slow, expensive step). First the cheap, torch-free checks of values (:mod:`nvfp4kv.config.check`,
+which the CLI has run already, right after Hydra composed the config through the schemas of
+:mod:`nvfp4kv.config.schema`), then what needs the code or the disk: each KV setting built as a
+``KVCacheConfig`` (its format's options, checks across fields), task names and their data, the
+model's location, the output directory. Each problem is one :class:`~nvfp4kv.errors.NVFP4KVError`
+whose message names the config key and the fix; ``experiments/run.py`` prints it as one line (exit 2).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from nvfp4kv.errors import ConfigError, NVFP4KVError
-from nvfp4kv.eval.config_resolvers import (  # noqa: F401  (re-exported: sweep.py, tests)
+from nvfp4kv.config.check import (  # noqa: F401  (resolve_config re-exported: sweep.py, gate, tests)
+    check_config,
+    check_limit,
+    check_model,
+    check_shard,
+    check_tasks,
+    resolve_config,
+)
+from nvfp4kv.config.choices import import_format_modules
+from nvfp4kv.config.kv import kv_values
+from nvfp4kv.config.resolvers import (  # noqa: F401  (re-exported: sweep.py, tests)
     CONFIG_DIR,
     _default_data_dir,
+    available_kv_configs,
     available_sweeps,
     missing_sweep_message,
     register_resolvers,
 )
-from nvfp4kv.eval.preflight import _check_shard, check_model_location, check_writable
+from nvfp4kv.config.schema import RUNNER_TASK_KEYS  # noqa: F401  (re-exported)
+from nvfp4kv.errors import ConfigError, NVFP4KVError
+from nvfp4kv.eval.preflight import check_model_location, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +53,10 @@ TASK_KIND_MODULES: dict[str, str] = {
     "fidelity": "nvfp4kv.metrics",
     "ruler": "nvfp4kv.eval.ruler",
 }
-#: task-config keys that belong to the runner and are not passed to the task family:
-#: ``limit`` (documents, else the top-level ``limit``) and ``module`` (a module to import first,
-#: so a task family of your own registers itself: ``+tasks.x={kind:my_kind,module:my_pkg.tasks}``)
-RUNNER_TASK_KEYS = ("limit", "module")
+#: task-config keys that belong to the runner and are not passed to the task family
+#: (nvfp4kv.config.schema.RUNNER_TASK_KEYS): ``limit`` (documents, else the top-level ``limit``) and
+#: ``module`` (a module to import first, so a task family of your own registers itself:
+#: ``+tasks.x={kind:my_kind,module:my_pkg.tasks}``)
 
 
 # ---------------------------------------------------------------------------- plan
@@ -81,36 +94,30 @@ class SweepPlan:
     num_shards: int = 1
 
 
-def _check_limit(value: Any, where: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}={value!r}: a limit is a number of documents >= 1, or null for all.")
-    return value
+_check_limit = check_limit  # the one limit check (nvfp4kv.config.check)
 
 
 def _kv_configs(kvs: Any) -> dict[str, Any]:
+    """Each KV setting through the one parser (:func:`nvfp4kv.config.kv.kv_values`), then built."""
     from nvfp4kv.cache import KVCacheConfig
     from nvfp4kv.errors import UnknownFormatError
 
     if not isinstance(kvs, Mapping) or not kvs:
         raise ConfigError("The sweep selects no KV configs (`kvs:` is empty); add one, e.g. +kv@kvs.bf16=bf16.")
+    import_format_modules()  # formats of the user's own ($NVFP4KV_FORMAT_MODULES) register now
     out: dict[str, Any] = {}
     for label, values in kvs.items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"kvs.{label} must be a mapping of KVCacheConfig fields (see configs/kv/); got {values!r}.")
+        fields = kv_values(values, where=f"kvs.{label}")
         try:
-            out[str(label)] = KVCacheConfig.from_dict(dict(values))
+            out[str(label)] = KVCacheConfig(**fields)
         except (ConfigError, UnknownFormatError) as err:
             raise ConfigError(
                 f"kvs.{label}: {err} Fix the override (e.g. kvs.{label}.k_format=nvfp4) or pick a KV config "
                 f"from configs/kv/ ({', '.join(available_kv_configs())})."
             ) from None
     return out
-
-
-def available_kv_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in (config_dir / "kv").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def resolve_runner(kind: str) -> Callable[..., Any]:
@@ -174,20 +181,12 @@ TASK_VALIDATORS: dict[str, Callable[..., dict[str, Any] | None]] = {
 
 
 def _task_plans(tasks: Any, default_limit: int | None) -> list[TaskPlan]:
-    if not isinstance(tasks, Mapping) or not tasks:
-        raise ConfigError("The sweep selects no tasks (`tasks:` is empty); add one, e.g. +task@tasks.gsm8k=gsm8k.")
+    check_tasks(tasks)  # kinds, limits, modules, and each built-in kind's keys and types
     plans = []
     for name, values in tasks.items():
-        if not isinstance(values, Mapping) or "kind" not in values:
-            keys = sorted(values) if isinstance(values, Mapping) else values
-            raise ConfigError(
-                f"tasks.{name} has no `kind:` (it holds {keys!r}). Start it from a task config "
-                f"(+task@tasks.{name}=<one of configs/task/>), or drop the task with ~tasks.{name} "
-                f"(~task@tasks.{name} removes only its defaults entry and leaves the sweep's overrides behind)."
-            )
         values = dict(values)
         kind = str(values["kind"])
-        limit = _check_limit(values.get("limit", None), f"tasks.{name}.limit")
+        limit = check_limit(values.get("limit", None), f"tasks.{name}.limit")
         task_cfg = {k: v for k, v in values.items() if k not in RUNNER_TASK_KEYS}
         task_cfg["name"] = str(name)
         try:
@@ -205,46 +204,21 @@ def _task_plans(tasks: Any, default_limit: int | None) -> list[TaskPlan]:
 
 
 def _model_spec(model_cfg: Any) -> Any:
+    """The model's keys and values (:func:`nvfp4kv.config.check.check_model`), then its location."""
     from nvfp4kv.models import ModelSpec
 
-    if not isinstance(model_cfg, Mapping):
-        raise ConfigError("`model` must be a mapping (pick one with model=smollm2|llama31_8b_instruct|qwen3_8b|local).")
-    known = {f.name for f in dataclasses.fields(ModelSpec)}
-    unknown = sorted(set(model_cfg) - known)
-    if unknown:
-        raise ConfigError(f"Unknown model key(s) {unknown}; valid: {sorted(known)}.")
-    spec = ModelSpec(**{k: (dict(v) if k == "extra" and v is not None else v) for k, v in model_cfg.items()})
+    model = check_model(model_cfg)
+    spec = ModelSpec(**{k: (dict(v) if k == "extra" and v is not None else v) for k, v in model.items()})
     check_model_location(spec)
     return spec
-
-
-def resolve_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """A plain, fully resolved copy of the config (``run_id``/``run_dir`` are fixed here, once)."""
-    if isinstance(cfg, DictConfig):
-        model = cfg.get("model")
-        if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "name_or_path"):
-            raise ConfigError("model.name_or_path is not set: model=local needs model.name_or_path=/path/to/hf_dir.")
-        if "tasks" not in cfg and "kvs" not in cfg and "sweep" not in cfg:
-            raise ConfigError(missing_sweep_message())
-        try:
-            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-        except Exception as err:  # omegaconf wraps resolver errors; surface ours unwrapped
-            cause = err.__cause__ or err.__context__
-            if isinstance(cause, NVFP4KVError):
-                raise cause from None
-            raise ConfigError(f"Could not resolve the config: {err}") from err
-    return json.loads(json.dumps(cfg))  # a deep, plain copy
 
 
 def plan_sweep(cfg: DictConfig | Mapping[str, Any]) -> SweepPlan:
     """Validate the config without loading the model (step 1 of the module docstring)."""
     config = resolve_config(cfg)
-    if "tasks" not in config or "kvs" not in config:
-        raise ConfigError(missing_sweep_message())
-    default_limit = _check_limit(config.get("limit"), "limit")
+    check_config(config)  # the cheap checks the CLI ran already (a config built in Python has not)
+    default_limit = config.get("limit")
     seed = config.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r} must be an integer.")
     kvs = _kv_configs(config["kvs"])
     baseline = str(config.get("baseline") or "bf16")
     if baseline not in kvs:
@@ -255,11 +229,8 @@ def plan_sweep(cfg: DictConfig | Mapping[str, Any]) -> SweepPlan:
         raise ConfigError("run_dir is empty; leave it at its default or set run_dir=results/runs/<name>/<id>.")
     run_dir_path = Path(str(run_dir)).expanduser().resolve()
     check_writable(run_dir_path)
-    shard, num_shards = _check_shard(config.get("shard", 0), config.get("num_shards", 1))
+    shard, num_shards = check_shard(config.get("shard", 0), config.get("num_shards", 1))
     allowed = config.get("allow_identity_change") or []
-    if isinstance(allowed, str) or not isinstance(allowed, list):
-        raise ConfigError(f"allow_identity_change={allowed!r} must be a list of identity fields, "
-                          f"e.g. 'allow_identity_change=[nvfp4kv.git_commit]'.")
     return SweepPlan(
         run_dir=run_dir_path,
         run_id=str(config.get("run_id") or run_dir_path.name),

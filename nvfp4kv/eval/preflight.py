@@ -1,5 +1,6 @@
 """Pre-flight checks of where things are, before anything loads: the model's location (a local
-directory, or a hub id while the hub is offline), the run directory's writability, the shard.
+directory, or a hub id while the hub is offline), the run directory's writability. (The shard is a
+value, checked with the others in ``nvfp4kv.config.check``.)
 
 Why separate from validation of values: these look at the file system and the environment,
 cost milliseconds, and each replaces a long traceback minutes later with one line naming the fix.
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from nvfp4kv.config.check import check_shard as _check_shard  # noqa: F401  (re-exported)
 from nvfp4kv.errors import ConfigError
 
 
@@ -64,11 +66,3 @@ def check_writable(run_dir: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"run_dir={run_dir}: {probe} is not a writable directory. Set run_dir= to a directory "
                           f"you can write to.")
-
-
-def _check_shard(shard: Any, num_shards: Any) -> tuple[int, int]:
-    if (isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1
-            or isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < num_shards):
-        raise ConfigError(f"shard={shard!r} num_shards={num_shards!r}: need integers with 0 <= shard < num_shards "
-                          f"(e.g. -m shard=0,1,2 num_shards=3).")
-    return shard, num_shards

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nvfp4kv.config.schema import task_family_keys
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.eval import ruler_synth as synth
 from nvfp4kv.eval.api import CellResult, MetricValue, register_task_kind
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 #: RULER's synthetic core at one variant each: the essay-haystack NIAH tasks, VT, CWE, FWE
 DEFAULT_SUBTASKS = ("niah_single_2", "niah_multikey_1", "niah_multivalue", "niah_multiquery",
                     "ruler_vt", "ruler_cwe", "ruler_fwe")
-TASK_CONFIG_KEYS = ("kind", "name", "subtasks", "lengths", "num_samples", "max_gen_toks", "cache_dir",
-                    "haystack_dir", "record_prompts")
+#: the keys of a ruler task: the fields of its schema (nvfp4kv/config/schema.py, RulerTaskSchema)
+TASK_CONFIG_KEYS = task_family_keys("ruler")
 
 
 @dataclass(frozen=True)

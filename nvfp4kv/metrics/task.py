@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nvfp4kv.config.schema import task_family_keys
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.eval.api import CellResult, MetricValue, register_task_kind
 from nvfp4kv.metrics.capture import capture_attention
@@ -66,7 +67,7 @@ class FidelitySettings:
     def from_task(cls, task_cfg: Mapping[str, Any], limit: int | None = None) -> FidelitySettings:
         """Settings from a task config (``kind``/``name``/``limit`` belong to the runner); unknown keys fail."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(task_cfg) - known - {"kind", "name", "limit"})
+        unknown = sorted(set(task_cfg) - set(task_family_keys("fidelity")) - {"limit"})  # the schema's keys
         if unknown:
             raise ConfigError(f"Unknown key(s) {unknown} in the fidelity task config; allowed: {sorted(known)}.")
         values = {k: task_cfg[k] for k in known if k in task_cfg and task_cfg[k] is not None}
