@@ -179,6 +179,7 @@ def test_unknown_field_override_is_refused_by_hydra():
         ("+kvs.x={k_format:nvfp4,residual_len:64}", r"kvs\.x: Unknown KV cache config keys \['residual_len'\]"),
         ("shard=2", r"shard=2 num_shards=1"),
         ("batch_size=0", r"batch_size=0 is not allowed; use an integer >= 1 or auto"),
+        ("+colour=red", r"Unknown run key\(s\) \['colour'\]; valid keys: sweep_name, "),
     ],
 )
 def test_bad_overrides_fail_before_loading_the_model(override, pattern, monkeypatch):

@@ -24,10 +24,11 @@ from typing import Any
 from nvfp4kv.config.choices import LOGLIKELIHOOD_MODES, MODEL_DTYPES
 from nvfp4kv.config.kv import check_values, kv_values, omegaconf_message, plain
 from nvfp4kv.config.resolvers import available_kv_configs, missing_sweep_message
-from nvfp4kv.config.schema import TASK_SCHEMAS, ModelSchema
+from nvfp4kv.config.schema import TASK_SCHEMAS, ModelSchema, RunConfig
 from nvfp4kv.errors import ConfigError, NVFP4KVError
 
 MODEL_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ModelSchema))
+RUN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 # ---------------------------------------------------------------------------- resolve
@@ -111,7 +112,12 @@ def _is_int(value: Any) -> bool:
 
 
 def check_run_keys(config: Mapping[str, Any]) -> None:
-    """The run-wide keys: types the schema cannot hold for a plain dict, and ranges."""
+    """The run-wide keys: no unknown one (Hydra's ``+key=...`` adds any), types the schema cannot hold
+    for a plain dict, and ranges."""
+    unknown = sorted(set(config) - set(RUN_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"Unknown run key(s) {unknown}; valid keys: {', '.join(RUN_KEYS)}. Fix the key's spelling "
+                          f"(nvfp4kv/config/schema.py, RunConfig).")
     check_limit(config.get("limit"), "limit")
     seed = config.get("seed", 0)
     if not _is_int(seed):
@@ -228,5 +234,6 @@ def describe_error(err: BaseException) -> str:
                 return f"{key}: no such key{valid}. Fix the key's spelling."
             value = override.split("=", 1)[1] if override and "=" in override else getattr(item, "value", None)
             return omegaconf_message(item, key, value)
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = str(err).split("Config search path:")[0]  # a missing config: keep the available options
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(lines) if lines else type(err).__name__
