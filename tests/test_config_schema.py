@@ -145,6 +145,15 @@ def test_resolved_tasks_hold_only_the_keys_their_config_sets():
     check_config(config)
 
 
+def test_a_config_made_plain_by_omegaconf_loses_its_unset_task_fields():
+    """OmegaConf.to_container(cfg) writes an unset (MISSING) field as "???"; a plain config that comes
+    from it resolves like the DictConfig itself."""
+    cfg = compose_cfg("+sweep=smoke", "run_dir=/tmp/unused")
+    from_plain = resolve_config(OmegaConf.to_container(cfg, resolve=True))
+    assert from_plain["tasks"] == resolve_config(cfg)["tasks"]
+    assert "module" not in from_plain["tasks"]["passkey"]
+
+
 def test_an_unknown_task_kind_stays_an_open_mapping():
     check_task("x", {"kind": "my_kind", "anything": [1, 2], "limit": 3})
     with pytest.raises(ConfigError, match=r"tasks\.x: Unknown key\(s\) \['anything'\] in passkey task config"):

@@ -63,7 +63,13 @@ def resolve_config(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     if not isinstance(cfg, DictConfig):
-        return json.loads(json.dumps(plain(cfg)))  # a deep, plain copy
+        config = json.loads(json.dumps(plain(cfg)))  # a deep, plain copy
+        tasks = config.get("tasks") if isinstance(config, dict) else None
+        for task in (tasks.values() if isinstance(tasks, dict) else ()):
+            if isinstance(task, dict):  # OmegaConf.to_container(cfg) writes an unset field as "???"
+                for key in [k for k, v in task.items() if v == "???"]:
+                    del task[key]
+        return config
     model = cfg.get("model")
     if isinstance(model, DictConfig) and OmegaConf.is_missing(model, "name_or_path"):
         raise ConfigError("model.name_or_path is not set: model=local needs model.name_or_path=/path/to/hf_dir.")
