@@ -128,7 +128,7 @@ def test_composed_nodes_are_typed():
     assert OmegaConf.get_type(cfg.tasks.fidelity) is schema.FidelityTaskSchema
     assert OmegaConf.get_type(cfg.tasks.x) is dict  # inline: checked against its kind's schema after composition
     assert OmegaConf.get_type(compose_cfg("+sweep=ruler").tasks.ruler) is schema.RulerTaskSchema
-    assert cfg.batch_size == 1 and cfg.engine is None
+    assert cfg.batch_size == 1 and cfg.engine.name == "none"  # the research profile: KV configs as written
 
 
 # ---------------------------------------------------------------------------- resolve and check
@@ -253,7 +253,7 @@ def test_a_format_of_your_own_passes_through_nvfp4kv_format_modules(tmp_path):
         os.environ["NVFP4KV_FORMAT_MODULES"] = "my_formats"
         kv_values({"k_format": "my_bf16"})  # let through to the registry check
         from nvfp4kv.eval.plan import _kv_configs
-        kv = _kv_configs({"mine": {"k_format": "my_bf16", "v_format": "bf16"}})["mine"]
+        kv = _kv_configs({"mine": {"k_format": "my_bf16", "v_format": "bf16"}})[0]["mine"]
         assert kv.k_format == "my_bf16", kv
         del os.environ["NVFP4KV_FORMAT_MODULES"]
         from nvfp4kv.config.choices import known_formats

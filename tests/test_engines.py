@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import nvfp4kv.config  # noqa: F401  (registers the schemas configs/ composes against)
+
 from nvfp4kv.engines import (
     ENGINE_CONFIG_DIR,
     FIELD_NAMES,
@@ -48,7 +50,7 @@ def test_profiles_compose_as_a_hydra_group():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="config", overrides=["+engine=vllm_v1", "engine.read_mode=serving"])
+        cfg = compose(config_name="config", overrides=["engine=vllm_v1", "engine.read_mode=serving"])
     profile = load_engine_profile(cfg.engine)  # a DictConfig
     assert profile.name == "vllm_v1" and profile.read_mode == "serving"
 

@@ -24,7 +24,7 @@ from nvfp4kv.analysis.runs import PathSpec, resolve_run_dirs
 
 #: the columns every metrics frame starts with, in this order (``k_format``, ``v_format`` follow)
 TIDY_COLUMNS = ["model", "task", "metric", "kv", "policy", "value", "stderr", "n", "run_id", "bits_per_element",
-                "k_format", "v_format"]
+                "k_format", "v_format", "engine"]
 GRID_COLUMNS = ["run_id", "model", "task", "kv", "policy", "bits_per_element", "context_len", "depth", "acc", "n"]
 LAYER_COLUMNS = ["run_id", "model", "task", "kv", "policy", "layer", "head", "kind", "sqnr_db", "attn_rel_err"]
 SAMPLE_COLUMNS = ["run_id", "cell_id", "model", "task", "kv", "policy", "doc_id", "metric", "value"]
@@ -65,7 +65,8 @@ def policy_label(kv_config: Mapping[str, Any]) -> str:
 
 def _identity(cell: Mapping[str, Any]) -> dict[str, Any]:
     return {"run_id": cell.get("run_id"), "model": cell.get("model"), "task": cell.get("task"), "kv": cell.get("kv"),
-            "policy": policy_label(cell.get("kv_config") or {}), "bits_per_element": cell.get("bits_per_element")}
+            "policy": policy_label(cell.get("kv_config") or {}), "bits_per_element": cell.get("bits_per_element"),
+            "engine": cell.get("engine") or "none"}
 
 
 def _ordered(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:

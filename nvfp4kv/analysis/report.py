@@ -37,7 +37,7 @@ from nvfp4kv.analysis.select import accuracy_rows, is_rate, kv_order, primary_ro
 from nvfp4kv.results import atomic_write_text
 
 #: the columns of ``results.csv``, in order
-CSV_COLUMNS = ["run_id", "model", "task", "metric", "kv", "k_format", "v_format", "policy",
+CSV_COLUMNS = ["run_id", "model", "task", "metric", "kv", "engine", "k_format", "v_format", "policy",
                "bits_per_element", "value", "stderr", "n"]
 #: the standard figures, by name (see :func:`figures`)
 FIGURES = ("accuracy", "delta_vs_bits", "retrieval", "layers")

@@ -210,6 +210,25 @@ def check_config(config: Mapping[str, Any]) -> None:
     if "model" in config:
         check_model(config["model"])
     check_tasks(config["tasks"])
+    check_engine(config)
+
+
+def check_engine(config: Mapping[str, Any]) -> None:
+    """The engine profile, and every KV setting under it (unsupported formats), before torch loads."""
+    from nvfp4kv.engines import apply_engine, load_engine_profile
+
+    engine = config.get("engine")
+    if engine is None:
+        return
+    try:
+        profile = load_engine_profile(engine)
+    except ConfigError as err:
+        raise ConfigError(f"engine: {err}") from None
+    for label, values in (config.get("kvs") or {}).items():
+        try:
+            apply_engine(profile, kv_values(values, where=f"kvs.{label}"))
+        except ConfigError as err:
+            raise ConfigError(f"kvs.{label}: {err}") from None
 
 
 # ---------------------------------------------------------------------------- errors

@@ -234,7 +234,8 @@ class RunConfig:
     allow_identity_change: List[str] = field(default_factory=list)
     # Sequences per forward: an integer >= 1, or "auto".
     batch_size: Any = 1
-    # A serving-engine profile (configs/engine/); untyped until that group is wired in.
+    # A serving-engine profile (configs/engine/<name>.yaml, docs/engines.md), applied to every KV setting
+    # by nvfp4kv.engines.apply_engine; validated (one line naming the key) by nvfp4kv.engines.load_engine_profile.
     engine: Any = None
     model: ModelSchema = field(default_factory=ModelSchema)
     sweep: SweepInfo = MISSING  # appended with +sweep=<name>

@@ -81,7 +81,7 @@ class SweepPlan:
     sweep_name: str
     model_spec: Any  # nvfp4kv.models.ModelSpec
     tasks: list[TaskPlan]
-    kvs: dict[str, Any]  # label -> KVCacheConfig
+    kvs: dict[str, Any]  # label -> KVCacheConfig (engine overrides applied)
     seed: int
     baseline: str
     progress: bool
@@ -89,6 +89,10 @@ class SweepPlan:
     config: dict[str, Any] = field(repr=False)
     #: identity fields a resume may change, on purpose and recorded (``allow_identity_change=[...]``)
     allow_identity_change: tuple[str, ...] = ()
+    #: the engine profile applied to every KV setting (``{"name": "none"}``: KV configs as written)
+    engine: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    #: per KV label, what the harness cannot reproduce for that engine (docs/engines.md)
+    engine_notes: dict[str, list[str]] = field(default_factory=dict)
     #: run only cells ``i`` with ``i % num_shards == shard`` (one cluster job per shard, one run dir)
     shard: int = 0
     num_shards: int = 1
@@ -97,8 +101,24 @@ class SweepPlan:
 _check_limit = check_limit  # the one limit check (nvfp4kv.config.check)
 
 
-def _kv_configs(kvs: Any) -> dict[str, Any]:
-    """Each KV setting through the one parser (:func:`nvfp4kv.config.kv.kv_values`), then built."""
+def _engine_profile(engine: Any) -> Any:
+    """The engine profile the config names (None for ``none``/absent: KV configs run as written)."""
+    from nvfp4kv.engines import load_engine_profile
+
+    if engine is None:
+        return None
+    try:
+        profile = load_engine_profile(engine)
+    except ConfigError as err:
+        raise ConfigError(f"engine: {err}") from None
+    return None if profile.name == "none" else profile
+
+
+def _kv_configs(kvs: Any, engine: Any = None) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Each KV setting through the one parser (:func:`nvfp4kv.config.kv.kv_values`), with the engine
+    profile's overrides applied (:func:`nvfp4kv.engines.apply_engine`), then built; and per label the
+    notes saying what the harness cannot reproduce for that engine."""
+    from nvfp4kv.engines import apply_engine
     from nvfp4kv.cache import KVCacheConfig
     from nvfp4kv.errors import UnknownFormatError
 
@@ -106,10 +126,16 @@ def _kv_configs(kvs: Any) -> dict[str, Any]:
         raise ConfigError("The sweep selects no KV configs (`kvs:` is empty); add one, e.g. +kv@kvs.bf16=bf16.")
     import_format_modules()  # formats of the user's own ($NVFP4KV_FORMAT_MODULES) register now
     out: dict[str, Any] = {}
+    notes: dict[str, list[str]] = {}
     for label, values in kvs.items():
         if not isinstance(values, Mapping):
             raise ConfigError(f"kvs.{label} must be a mapping of KVCacheConfig fields (see configs/kv/); got {values!r}.")
         fields = kv_values(values, where=f"kvs.{label}")
+        if engine is not None:
+            try:
+                fields, notes[str(label)] = apply_engine(engine, fields)
+            except ConfigError as err:
+                raise ConfigError(f"kvs.{label}: {err}") from None
         try:
             out[str(label)] = KVCacheConfig(**fields)
         except (ConfigError, UnknownFormatError) as err:
@@ -117,7 +143,7 @@ def _kv_configs(kvs: Any) -> dict[str, Any]:
                 f"kvs.{label}: {err} Fix the override (e.g. kvs.{label}.k_format=nvfp4) or pick a KV config "
                 f"from configs/kv/ ({', '.join(available_kv_configs())})."
             ) from None
-    return out
+    return out, notes
 
 
 def resolve_runner(kind: str) -> Callable[..., Any]:
@@ -219,7 +245,11 @@ def plan_sweep(cfg: DictConfig | Mapping[str, Any]) -> SweepPlan:
     check_config(config)  # the cheap checks the CLI ran already (a config built in Python has not)
     default_limit = config.get("limit")
     seed = config.get("seed", 0)
-    kvs = _kv_configs(config["kvs"])
+    engine = _engine_profile(config.get("engine"))
+    kvs, engine_notes = _kv_configs(config["kvs"], engine)
+    for label, notes in engine_notes.items():
+        for note in notes:
+            log.warning("engine=%s, kvs.%s: %s", engine.name, label, note)
     baseline = str(config.get("baseline") or "bf16")
     if baseline not in kvs:
         log.warning("Baseline KV %r is not in this sweep (%s): the table will have no Δ column values.",
@@ -238,6 +268,8 @@ def plan_sweep(cfg: DictConfig | Mapping[str, Any]) -> SweepPlan:
         model_spec=_model_spec(config.get("model")),
         tasks=_task_plans(config["tasks"], default_limit),
         kvs=kvs,
+        engine=engine.to_dict() if engine is not None else {"name": "none"},
+        engine_notes=engine_notes,
         seed=seed,
         baseline=baseline,
         progress=bool(config.get("progress", True)),

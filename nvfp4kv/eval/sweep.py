@@ -192,6 +192,7 @@ def run_cell(plan: SweepPlan, bundle: Any, task: TaskPlan, label: str, provenanc
         "cell_id": cid, "run_id": plan.run_id, "sweep": plan.sweep_name,
         "model": bundle.name, "task": task.name, "task_kind": task.kind, "kv": label,
         "kv_label": kv.label, "kv_config": kv.to_dict(), "bits_per_element": bits_per_element(kv, bundle.model),
+        "engine": plan.engine.get("name", "none"), "engine_notes": plan.engine_notes.get(label, []),
         "task_config": task.config, "limit": task.limit, "seed": plan.seed,
         "model_spec": dataclasses.asdict(plan.model_spec), "device": str(getattr(bundle.model, "device", "")),
         "model_source": getattr(bundle, "source_info", None), "data": task.data, "config": plan.config,
