@@ -127,11 +127,12 @@ class KVCacheConfig:
 
     - ``"serving"`` (default): a multi-token write (a prefill chunk) attends to its own raw K/V
       plus the dequantized prefix, while a single-token decode step reads everything dequantized,
-      itself included. This is what SGLang, vLLM and TensorRT-LLM do (prefill kernels use the
-      fresh K/V they were handed; paged decode kernels read the cache after writing the token),
-      so it is the default: the numbers measure what a user of a quantized-KV server gets.
-    - ``"quantized"``: every read is dequantized, prefill chunk included (SGLang's FP4 MHA pool;
-      equivalent to fake-quantizing K/V after RoPE). The pessimistic bound.
+      itself included. What SGLang's FlashInfer and Triton backends do (prefill kernels use the
+      fresh K/V they were handed); the optimistic side of the engines' default paths (below).
+    - ``"quantized"``: every read is dequantized, prefill chunk included (equivalent to
+      fake-quantizing K/V after RoPE). What vLLM V1 (FlashAttention, FlashInfer), SGLang's default
+      fa3/trtllm_mha backends and TensorRT-LLM do: they write K/V to the paged cache first and
+      run the prompt's attention over it (docs/engines.md, with the source lines).
     - ``"raw_fresh"``: the freshly written tokens are always returned raw, decode steps included
       (what HF's ``QuantizedCache`` effectively does on prefill; the optimistic bound).
 
