@@ -98,8 +98,10 @@ def study_table(samples: pd.DataFrame, *, metric: str, baseline: str = "bf16", c
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=STUDY_COLUMNS)
-    order = {kv: i for i, kv in enumerate([baseline, *[k for k in frame["kv"].unique() if k != baseline]])}
-    frame = frame.assign(_o=frame["kv"].map(order)).sort_values(["model", "task", "_o"]).drop(columns="_o")
+    # baseline first, then most bits per element first (as every table of the analysis layer), then name
+    bits_key = frame["bits_per_element"].astype(float).fillna(-1.0)
+    frame = (frame.assign(_base=frame["kv"] != baseline, _bits=-bits_key)
+             .sort_values(["model", "task", "_base", "_bits", "kv"]).drop(columns=["_base", "_bits"]))
     return frame[[c for c in STUDY_COLUMNS if c in frame] + [c for c in frame if c not in STUDY_COLUMNS]]
 
 
