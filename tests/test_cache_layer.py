@@ -95,7 +95,8 @@ def test_memory_report_counts_residual_and_sink_in_full_precision():
     assert (layer.k_stream.n_sink, layer.k_stream.n_packed, layer.k_stream.n_pending) == (4, 28, 8)
     full = B * H * 12 * D * 4  # fp32 sink + residual tokens
     packed = B * H * 28 * D * 4.5 / 8
-    assert layer.k_stream.nbytes() == full + packed + 4
+    # one FP32 prefill scale per batch row (per-request scales: a row's codes never depend on its neighbours)
+    assert layer.k_stream.nbytes() == full + packed + 4 * B
 
 
 # ---------------------------------------------------------------- what is stored
@@ -174,7 +175,10 @@ def test_prefill_policy_freezes_the_scale_and_later_outliers_saturate():
     cache.update(k, v, 0)
     layer = layer0(cache)
     frozen = layer.k_stream.scale.clone()
-    assert torch.equal(frozen, get_format("nvfp4").global_scale(k))
+    # one scale per batch row, each from that row alone (per-request: batch-invariant)
+    assert frozen.shape == (B, 1, 1, 1)
+    for b in range(B):
+        assert torch.equal(frozen[b : b + 1], get_format("nvfp4").global_scale(k[b : b + 1]))
     outlier = torch.full((B, H, 1, D), 1000.0)
     cache.update(outlier, outlier, 0)
     assert torch.equal(layer.k_stream.scale, frozen)
@@ -189,7 +193,9 @@ def test_prefill_scale_excludes_sink_tokens():
     k, v = kv(10)
     k[:, :, :2] *= 100  # huge sink keys must not set the scale of the quantized ones
     cache.update(k, v, 0)
-    assert torch.equal(layer0(cache).k_stream.scale, get_format("nvfp4").global_scale(k[:, :, 2:]))
+    scale = layer0(cache).k_stream.scale
+    for b in range(B):  # per row (per request)
+        assert torch.equal(scale[b : b + 1], get_format("nvfp4").global_scale(k[b : b + 1, :, 2:]))
 
 
 def test_dynamic_policy_records_one_scale_per_write_and_counts_it():
@@ -201,12 +207,15 @@ def test_dynamic_policy_records_one_scale_per_write_and_counts_it():
         cache.update(k[:, :, i : i + 1] * (i - 6), v[:, :, i : i + 1], 0)
     layer = layer0(cache)
     record = layer.k_stream.scale_record
-    assert record.shape == (1, 1, 12, 1) and record.dtype == torch.float32
-    assert torch.equal(record[:, :, :8], fmt.global_scale(k[:, :, :8]).expand(1, 1, 8, 1))
-    for i in range(8, 12):
-        assert torch.equal(record[:, :, i], fmt.global_scale(k[:, :, i : i + 1] * (i - 6))[:, :, 0])
+    # one scale per write and per batch row (each row's from its own tokens)
+    assert record.shape == (B, 1, 12, 1) and record.dtype == torch.float32
+    for b in range(B):
+        row = slice(b, b + 1)
+        assert torch.equal(record[row, :, :8], fmt.global_scale(k[row, :, :8]).expand(1, 1, 8, 1))
+        for i in range(8, 12):
+            assert torch.equal(record[row, :, i], fmt.global_scale(k[row, :, i : i + 1] * (i - 6))[:, :, 0])
     assert layer.k_stream.scale is None
-    assert layer.k_stream.nbytes() == B * H * 12 * D * 4.5 / 8 + 12 * 4
+    assert layer.k_stream.nbytes() == B * H * 12 * D * 4.5 / 8 + B * 12 * 4
 
 
 def test_static_scales_are_used_and_converted_from_their_convention():

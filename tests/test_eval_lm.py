@@ -178,8 +178,9 @@ def test_one_prefill_per_context_and_memoized_scores(lm: KVQuantLM) -> None:
     together = _scores(lm, mmlu + multi)
     delta = {k: lm.stats[k] - before.get(k, 0) for k in ("prefill_forwards", "prefill_replays", "chunk_forwards")}
     # one prefill per distinct context (run, or replayed from another format's: prefill_share.py);
-    # MMLU's 4 choices share one chunk, the 3 texts need 3
-    assert delta["prefill_forwards"] + delta["prefill_replays"] == 2 and delta["chunk_forwards"] == 1 + 3
+    # MMLU's 4 choices share one decode step, each of the 3 texts decodes its own tokens one by one
+    assert delta["prefill_forwards"] + delta["prefill_replays"] == 2
+    assert delta["chunk_forwards"] == 1 + sum(len(cont) for _, _, cont in multi)
 
     # the forked (deep-copied) caches give exactly what scoring each request alone gives
     alone = []
@@ -253,3 +254,88 @@ def test_a_prefill_is_not_shared_when_the_read_mode_makes_it_format_dependent(bu
     _scores(lm, requests)
     assert lm.stats["prefill_replays"] == before.get("prefill_replays", 0)
     assert lm.stats["prefill_forwards"] == before["prefill_forwards"] + 1 == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["nvfp4", "k=int4;v=nvfp4;sink_tokens=2;residual_length=3"])
+def test_a_shared_batched_prefill_scores_bit_identically_to_its_own(bundle: ModelBundle, kv: str) -> None:
+    """The same with batches: the store is keyed by the batch's prefixes and replays its padded K/V."""
+    from nvfp4kv.eval import prefill_share
+
+    own = KVQuantLM.from_bundle(bundle, kv=kv, progress=False, share_prefill=False, batch_size=4)
+    requests = _mmlu_like(own) + _multi_token(own)
+    want = _scores(own, requests)
+    prefill_share._STORES.pop(bundle.model, None)
+    shared = KVQuantLM.from_bundle(bundle, kv="bf16", progress=False, batch_size=4)
+    _scores(shared, requests)
+    assert shared.stats["prefill_forwards"] == 1  # both contexts in one padded batch
+    shared.set_kv(kv)
+    assert torch.equal(_scores(shared, requests), want)
+    assert shared.stats["prefill_forwards"] == 1 and shared.stats["prefill_replays"] == 1
+
+
+# ---------------------------------------------------------------------------- item 5: semantics
+DOCUMENT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, wound the "
+            "clockwork, and watched the ships pass the reef. In winter the storms came from the north, and the "
+            "waves broke white against the rocks below the tower.")
+
+
+def _manual_rolling(lm: KVQuantLM, kv: str) -> float:
+    """Window by window, by hand: lm-eval's disjoint rolling windows; each window's context
+    prefilled into a fresh cache, then its tokens decoded one by one through the cache."""
+    import torch.nn.functional as F
+    from lm_eval import utils
+
+    model = lm.model
+    windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+        token_list=lm.tok_encode(DOCUMENT), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length, context_len=1))
+    total = 0.0
+    for context, continuation in windows:
+        tokens = (context + continuation)[-(lm.max_length + 1):][:-1]
+        prefix, chunk = tokens[: len(tokens) - len(continuation)], tokens[len(tokens) - len(continuation):]
+        cache = lm_module.make_cache(model, parse_kv(kv))
+        name = lm_module.cache_kwarg_name(model)
+        picked = []
+        with torch.no_grad():
+            if prefix:
+                model(input_ids=torch.tensor([prefix]), use_cache=True, **{name: cache})
+            for token, target in zip(chunk, continuation):
+                logits = model(input_ids=torch.tensor([[token]]), use_cache=True, **{name: cache}).logits[0, -1]
+                picked.append(F.log_softmax(logits, dim=-1, dtype=torch.float32)[target])
+        total += float(torch.stack(picked).sum())
+    return total
+
+
+@pytest.mark.slow
+def test_rolling_loglikelihood_scores_every_window_through_the_quantized_cache(bundle: ModelBundle) -> None:
+    scores = {}
+    for kv in ("bf16", "nvfp4", "int2"):
+        lm = KVQuantLM.from_bundle(bundle, kv=kv, progress=False, max_length=24)
+        [scores[kv]] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (DOCUMENT,), 0)],
+                                                disable_tqdm=True)
+        assert lm.stats["chunk_forwards"] > 24  # several windows, decoded token by token
+        if kv != "int2":
+            assert scores[kv] == _manual_rolling(lm, kv)
+    assert scores["bf16"] != scores["nvfp4"] != scores["int2"] != scores["bf16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv", ["nvfp4", "nvfp4;scale_policy=dynamic", "k=int4;v=nvfp4"])
+def test_a_continuation_token_scores_the_same_whatever_follows_it(bundle: ModelBundle, kv: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher-forced decoding: the first token of a 5-token continuation is scored exactly as the
+    same token alone (a chunk forward would write, scale and read all 5 tokens together)."""
+    from nvfp4kv.eval import lm_score
+
+    per_token: list[list[float]] = []
+    real_sum = lm_score._sum_scores
+    monkeypatch.setattr(lm_score, "_sum_scores", lambda lp, g: per_token.append([float(x) for x in lp]) or real_sum(lp, g))
+    lm = KVQuantLM.from_bundle(bundle, kv=kv, progress=False)
+    context = lm.tok_encode(CONTEXTS[1])
+    five = lm.tok_encode(" ran away from the farmer")[:5]
+    assert len(five) == 5
+    lm._loglikelihood_tokens([(None, context, five[:1])])
+    lm._loglikelihood_tokens([(None, context, five)])
+    one_alone, five_tokens = per_token
+    assert len(one_alone) == 1 and len(five_tokens) == 5
+    assert five_tokens[0] == one_alone[0]

@@ -13,12 +13,19 @@ layers get a :class:`~nvfp4kv.cache.layer.PackedKVLayer` (BF16 storage for ``ski
 sliding-window/chunked layers keep transformers' ``DynamicSlidingWindowLayer`` unchanged (they
 hold at most a window of tokens, so they are left unquantized, and ``memory_report`` says so),
 and any other layer type (linear attention, dummy) gets transformers' own layer class.
+
+Batches: every row is stored as it would be alone (per-row global scales; ``first_batch`` is the
+one batch-wide policy, by definition). A left-padded batch must say so before its first forward,
+``cache.set_padding(pad_lengths)`` (one count of leading pad tokens per row, e.g.
+``(attention_mask == 0).sum(-1)`` for a left-padded mask): pad positions are then stored as zeros
+and kept out of every scale, sink window and token group (:mod:`nvfp4kv.cache.stream`). The cache
+never sees the attention mask, so without ``set_padding`` pad tokens count as real ones.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +64,8 @@ class QuantizedKVCache(Cache):
         #: called as ``observer(layer_idx, key, value)`` before each write is stored: how a prefill's
         #: raw K/V are recorded to be shared with other formats (nvfp4kv/eval/prefill_share.py)
         self.write_observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        #: left pad tokens per batch row of the coming writes (set_padding); None: no padding
+        self.pads: tuple[int, ...] | None = None
         #: the backend every layer encodes/decodes with (chosen once, here, from config.backend)
         self.codec: KernelBackend = resolve_backend(config.backend)
         self._k_format = config.build_format("k")
@@ -90,9 +99,54 @@ class QuantizedKVCache(Cache):
             self.write_observer(layer_idx, key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def set_padding(self, pad_lengths: Sequence[int] | torch.Tensor | None) -> None:
+        """Announce a left-padded batch: row ``b`` of the coming writes starts with
+        ``pad_lengths[b]`` pad tokens. Call on an empty cache, before the first forward (once per
+        batch; a fresh cache per batch, as always).
+
+        Pad positions are stored as zeros, and kept out of every data-derived global scale, sink
+        window and token group, so each row's codes, scales and reads are exactly those it would
+        get alone (:mod:`nvfp4kv.cache.stream`). ``None`` or all zeros: no padding. Layers
+        transformers keeps unquantized (sliding window) store pads as they are (nothing in them
+        depends on other positions). Row operations (``batch_select_indices``, beam
+        ``reorder_cache``, ``batch_repeat_interleave``) carry the padding along with the rows.
+        """
+        if self.get_seq_length():
+            raise ValueError("set_padding must be called on an empty cache, before the first forward "
+                             "(build a fresh cache per batch with make_cache).")
+        if isinstance(pad_lengths, torch.Tensor):
+            pad_lengths = pad_lengths.reshape(-1).tolist()
+        pads = tuple(int(p) for p in pad_lengths) if pad_lengths is not None else ()
+        if any(p < 0 for p in pads):
+            raise ValueError(f"pad lengths must be >= 0; got {list(pads)}")
+        self.pads = pads if any(pads) else None
+        for layer in self.layers:
+            if isinstance(layer, PackedKVLayer):
+                layer.set_padding(self.pads)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_pads(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_pads(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_pads(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def _map_pads(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Keep the cache's own record of the padding in step with its layers' rows."""
+        if self.pads is not None:
+            self.pads = tuple(fn(torch.tensor(self.pads)).tolist())
+
     # ------------------------------------------------------------------ building layers
     def _next_lazy_layer(self) -> PackedKVLayer:
-        return self._packed_layer(len(self.layers))
+        layer = self._packed_layer(len(self.layers))
+        if self.pads is not None:
+            layer.set_padding(self.pads)
+        return layer
 
     def _layer_for(self, idx: int, layer_type: str, kwargs: dict[str, Any]) -> Any:
         if layer_type in QUANTIZED_LAYER_TYPES:

@@ -10,7 +10,8 @@ windows, packed tokens, the fused decode view) sees the same values:
 
 - ``"raise"`` (default): :class:`~nvfp4kv.errors.NonFiniteKVError` naming the layer, K or V,
   the position and the fix.
-- ``"map"``: NaN -> 0 and +-Inf -> +-(the largest finite ``|x|`` of that write of K or V).
+- ``"map"``: NaN -> 0 and +-Inf -> +-(the largest finite ``|x|`` of that write of K or V, per
+  batch row, so that a row's values never depend on its neighbours).
   The limit is the data's, not the dtype's (FP32 3.4e38 in a key would overflow ``q . k`` to
   Inf and turn the softmax into NaN, the failure the policy exists to prevent); it is also
   what the formats with a data-derived limit (NVFP4/FP8 with a dynamic or prefill scale, the
@@ -116,7 +117,9 @@ def raise_if_nonfinite(x: torch.Tensor, where: str, which: str, first_token: int
 
 def map_nonfinite_write(x: torch.Tensor) -> torch.Tensor:
     """The ``"map"`` policy on one write of K or V: NaN -> 0, +-Inf -> +-(largest finite
-    ``|x|`` in ``x``), in ``x``'s dtype (the limit is one of its values, so exact)."""
+    ``|x|`` in that batch row of ``x``), in ``x``'s dtype (the limit is one of its values, so
+    exact). Per row, so a row's mapped values do not depend on its batch neighbours."""
     if not has_nonfinite(x):
         return x
-    return map_nonfinite(x, finite_abs(x).amax()).to(x.dtype)
+    limit = finite_abs(x).amax(dim=(1, 2, 3), keepdim=True) if x.dim() == 4 else finite_abs(x).amax()
+    return map_nonfinite(x, limit).to(x.dtype)

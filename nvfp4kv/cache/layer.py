@@ -19,6 +19,13 @@ reads the packed bytes directly. Any other attention function never accepts, and
 ``update`` is atomic (nothing changes unless K and V are both stored) and applies the NaN/Inf
 policy to the incoming K/V before any path reads them, the raw prefill chunk included (see
 :mod:`nvfp4kv.cache.checks`).
+
+Padded batches (:meth:`PackedKVLayer.set_padding`, from
+:meth:`~nvfp4kv.cache.QuantizedKVCache.set_padding`): the K/V at a row's left pad positions are
+replaced by zeros before anything else sees them (so whatever the model computed there, NaN from
+a fully masked pad query included, never reaches a check, a scale or a read), and the streams
+keep pads out of scales, sinks and token groups (:mod:`nvfp4kv.cache.stream`). Attention still
+gets K/V at every position, pads included, as transformers' masks expect; the mask hides them.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from nvfp4kv.cache.checks import (
 )
 from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.stream import PackedStream
-from nvfp4kv.errors import BlockSizeError
+from nvfp4kv.errors import BlockSizeError, KVStateError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
 from nvfp4kv.kernels.backend import KernelBackend, TorchBackend
 from nvfp4kv.kernels.packed_operand import fused_reads_format
@@ -81,6 +88,8 @@ class PackedKVLayer(DynamicLayer):
         self.nonfinite = normalize_nonfinite(nonfinite)
         #: the attention function of the previous call accepted packed views (renewed every call)
         self._fused_reader = False
+        #: left pad tokens per batch row of the coming writes (None: no padding); see set_padding
+        self.pads: tuple[int, ...] | None = None
         codec = codec or TorchBackend()
         common: dict[str, Any] = dict(
             sink_tokens=sink_tokens, residual_length=residual_length, scale_policy=scale_policy,
@@ -109,6 +118,32 @@ class PackedKVLayer(DynamicLayer):
         """Exact rollback is possible only when no token group can be cut (see PackedStream.crop)."""
         return self.k_format.token_group == 1 and self.v_format.token_group == 1
 
+    # ------------------------------------------------------------------ padding
+    def set_padding(self, pads: tuple[int, ...] | list[int] | None) -> None:
+        """Row ``b`` of the coming writes starts with ``pads[b]`` pad tokens (left padding).
+
+        Call on an empty layer. Pad positions are stored as zeros and kept out of scales, sink
+        windows and token groups, so each row stores exactly what it would store alone.
+        """
+        if self.get_seq_length():
+            raise ValueError(f"Layer {self.layer_idx}: set_padding must be called before the first update")
+        self.k_stream.set_padding(pads)
+        self.v_stream.set_padding(pads)
+        self.pads = self.k_stream.pads
+
+    def _zero_pads(self, x: torch.Tensor, n_before: int) -> torch.Tensor:
+        """``x`` (tokens from position ``n_before``) with every row's pad positions set to zero."""
+        pads = self.pads
+        if pads is None or n_before >= max(pads):
+            return x
+        if len(pads) != x.shape[0]:
+            raise KVStateError(f"Layer {self.layer_idx}: set_padding gave {len(pads)} rows but the batch has "
+                               f"{x.shape[0]}; give one pad length per row.")
+        position = torch.arange(n_before, n_before + x.shape[2], device=x.device)
+        pad = torch.tensor(pads, device=x.device)
+        real = (position[None, :] >= pad[:, None])[:, None, :, None]
+        return torch.where(real, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
     # ------------------------------------------------------------------ the layer contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -126,6 +161,8 @@ class PackedKVLayer(DynamicLayer):
         where = f"Layer {self.layer_idx}"
         self._check_states(key_states, value_states, where)
         n_before = self.get_seq_length()
+        key_states = self._zero_pads(key_states, n_before)
+        value_states = self._zero_pads(value_states, n_before)
         key_states = self._apply_nonfinite(key_states, where, "K", n_before)
         value_states = self._apply_nonfinite(value_states, where, "V", n_before)
         saved = dict(vars(self)), self.k_stream.snapshot(), self.v_stream.snapshot()
@@ -182,8 +219,24 @@ class PackedKVLayer(DynamicLayer):
             fresh_raw = self.read_mode == "raw_fresh" or (self.read_mode == "serving" and key_states.shape[-2] > 1)
             k_out = self._read(self.k_stream, key_states, n_before, fresh_raw)
             v_out = self._read(self.v_stream, value_states, n_before, fresh_raw)
+            single = self._single_token_rows(key_states.shape[-2], n_before) if fresh_raw else None
+            if single is not None:  # those rows alone would be a decode step: they read as stored
+                k_out = torch.where(single, self._read(self.k_stream, key_states, n_before, False), k_out)
+                v_out = torch.where(single, self._read(self.v_stream, value_states, n_before, False), v_out)
         publish(kwargs, PackedKVHandoff(view, standins=view is not None, on_accept=self.claim_fused_reader))
         return k_out, v_out
+
+    def _single_token_rows(self, t: int, n_before: int) -> torch.Tensor | None:
+        """Under ``serving`` reads, the rows of a padded multi-token write that hold exactly one
+        real token (a one-token prompt beside longer ones), as a ``[B, 1, 1, 1]`` mask; alone,
+        such a write is a decode step, which reads itself as stored. None when there are none."""
+        if self.pads is None or self.read_mode != "serving" or n_before >= max(self.pads):
+            return None
+        real = [t - min(max(pad - n_before, 0), t) for pad in self.pads]
+        if 1 not in real:
+            return None
+        device = self.k_stream.stored_example().device  # type: ignore[union-attr]
+        return torch.tensor([n == 1 for n in real], device=device).reshape(-1, 1, 1, 1)
 
     def claim_fused_reader(self) -> None:
         """The attention function reading this call's output accepted packed views
@@ -229,8 +282,10 @@ class PackedKVLayer(DynamicLayer):
         return self.k_stream.n_tokens
 
     def reset(self) -> None:
+        """Drop every stored token and the padding (a reset layer is an empty one)."""
         super().reset()
         self._fused_reader = False
+        self.pads = None
         self.k_stream.reset()
         self.v_stream.reset()
 
@@ -253,6 +308,9 @@ class PackedKVLayer(DynamicLayer):
         if self.get_seq_length() > 0:
             self.k_stream.map_batch(fn)
             self.v_stream.map_batch(fn)
+            self.pads = self.k_stream.pads
+        elif self.pads is not None:  # padding announced, nothing stored yet: rows follow the map
+            self.set_padding(fn(torch.tensor(self.pads)).tolist())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder every stored tensor (packed parts included) along the batch."""

@@ -22,11 +22,30 @@ O(new tokens), not O(context), and :meth:`PackedStream.snapshot` /
 :meth:`PackedStream.restore` can still undo a failed write exactly (an atomic update): the old
 views keep their bytes. Stored bytes are counted by used length (``nbytes``); a buffer's spare
 capacity (at most as much again) is not storage the format needs.
+
+Batches are stored so that a row's codes do not depend on its neighbours or on its padding
+(:meth:`PackedStream.set_padding` gives each row's number of *left* pad tokens; the layer has
+already zeroed them):
+
+- Global scales computed from the data (``prefill``, ``dynamic``) are computed **per row**, from
+  that row's real tokens only (``[B, 1, 1, 1]`` or ``[B, H, 1, 1]``): exactly what the row would
+  get alone. ``first_batch`` is batch-wide by definition (one scale from the real tokens of every
+  row of the first forward). ``static``/``checkpoint``/``unit`` scales are constants.
+- Token-wise formats without a sink (the common case) keep one batched layout: pad tokens are
+  stored (as zeros) at the positions they hold, the residual window is the newest tokens of every
+  row alike, and a token's codes depend only on its own values and its row's scale.
+- Where the layout itself would couple a row to its padding (a sink window, which must hold each
+  row's *first real* tokens, or a ``token_group > 1`` format, whose groups must start at each row's
+  first real token), a padded batch is stored **row by row**: one child stream per row receiving
+  only that row's real tokens, i.e. exactly the stream the row would have alone. Reads put each
+  row back at its padded positions (zeros at pads). Slower (a loop over rows), exact.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -86,6 +105,20 @@ class PackedStream:
         self._scale_divisor = scale_divisor
         self.reset()
 
+    def set_padding(self, pads: Sequence[int] | None) -> None:
+        """Row ``b`` of the coming writes starts with ``pads[b]`` pad tokens (left padding).
+
+        Call on an empty stream, before the first write. Pad positions are kept out of every
+        data-derived scale and out of sink windows and token groups (see the module docstring);
+        ``None`` or all zeros: no padding.
+        """
+        if self.n_tokens:
+            raise ValueError(f"{self.label}: set_padding must be called before the first write")
+        pads = tuple(int(p) for p in pads) if pads is not None else ()
+        if any(p < 0 for p in pads):
+            raise ValueError(f"{self.label}: pad lengths must be >= 0, got {list(pads)}")
+        self.pads: tuple[int, ...] | None = pads if any(pads) else None
+
     def reset(self) -> None:
         """Drop every stored token (and a prefill-frozen scale)."""
         self.dtype: torch.dtype | None = None
@@ -101,6 +134,12 @@ class PackedStream:
         self.dequantized: torch.Tensor | None = None
         #: preallocated buffers behind parts / scale_record / dequantized (see append_tokens)
         self._buffers: dict[str, torch.Tensor] = {}
+        #: left pad tokens per batch row (None: none); see set_padding
+        self.pads: tuple[int, ...] | None = None
+        #: a padded batch stored row by row: one child stream per row (None: batched layout)
+        self._rows: list[PackedStream] | None = None
+        #: row-by-row storage: tokens stored, pads included (the batched layout's n_tokens)
+        self._row_total = 0
 
     # ------------------------------------------------------------------ transactions
     def snapshot(self) -> dict[str, object]:
@@ -109,15 +148,25 @@ class PackedStream:
         state = dict(vars(self))
         state["parts"] = dict(self.parts) if self.parts is not None else None
         state["_buffers"] = dict(self._buffers)
+        if self._rows is not None:
+            state["_rows"] = list(self._rows)
+            state["_row_states"] = [row.snapshot() for row in self._rows]
         return state
 
     def restore(self, state: dict[str, object]) -> None:
         """Undo every change since :meth:`snapshot` returned ``state``."""
+        state = dict(state)
+        row_states = state.pop("_row_states", None)
         vars(self).clear()
         vars(self).update(state)
+        if row_states is not None:
+            for row, row_state in zip(self._rows, row_states):  # type: ignore[arg-type]
+                row.restore(row_state)
 
     def stored_example(self) -> torch.Tensor | None:
         """Any stored token-wise tensor (for batch/head/device checks), or None when empty."""
+        if self._rows is not None:
+            return self._row_like.expand(len(self._rows), *self._row_like.shape[1:])
         for t in (self.sink, self.pending, self.dequantized):
             if t is not None:
                 return t
@@ -134,13 +183,26 @@ class PackedStream:
 
     @property
     def n_tokens(self) -> int:
+        if self._rows is not None:
+            return self._row_total
         return self.n_sink + self.n_packed + self.n_pending
+
+    @property
+    def row_by_row(self) -> bool:
+        """Whether this (padded) batch is stored row by row (see the module docstring)."""
+        return self._rows is not None
 
     # ------------------------------------------------------------------ writing
     def append(self, x: torch.Tensor) -> None:
         """Store new tokens ``x`` ``[B, H, t, D]``; packs whatever has left the residual window."""
         if self.dtype is None:
             self.dtype = x.dtype
+        if self._rows is None and self.n_tokens == 0 and self.pads is not None and (
+                self.sink_tokens > 0 or self.fmt.token_group > 1):
+            self._start_rows(x)
+        if self._rows is not None:
+            self._append_rows(x)
+            return
         take = min(max(self.sink_tokens - self.n_sink, 0), x.shape[2])
         if take:
             self.sink = _cat(self.sink, x[:, :, :take])
@@ -148,15 +210,84 @@ class PackedStream:
         if x.shape[2] == 0:
             return
         if self.fmt.uses_global_scale and self.scale is None:
-            self.scale = self._frozen_scale(x)
+            self.scale = self._frozen_scale(x, self.n_tokens)
         self.pending = _cat(self.pending, x)
         self._pack_ready()
 
-    def _frozen_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The scale a non-dynamic policy fixes at the first write ``x`` (None: dynamic)."""
+    # ------------------------------------------------------------------ rows
+    def _real_rows(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """Each row's real (non-pad) tokens of ``x``, whose first token is at position ``start``."""
+        pads = self.pads or (0,) * x.shape[0]
+        if len(pads) != x.shape[0]:
+            raise ValueError(f"{self.label}: set_padding gave {len(pads)} rows but the batch has {x.shape[0]}")
+        return [x[b : b + 1, :, max(pad - start, 0):] for b, pad in enumerate(pads)]
+
+    def _row_scales(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Per-row global scale of ``x`` (tokens from position ``start``), each from that row's
+        real tokens alone: ``[B, 1, 1, 1]`` or ``[B, H, 1, 1]`` (``[1, ...]`` for one row). A row
+        with no real token here gets the scale of zeros (it scales only pads)."""
+        if x.shape[0] == 1 and self.pads is None:
+            return self._computed_scale(x)
+        scales = [self._computed_scale(real if real.shape[2] else torch.zeros_like(x[:1, :, :1]))
+                  for real in self._real_rows(x, start)]
+        return torch.cat(scales, dim=0)
+
+    def _batch_real(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The real tokens of every row of ``x`` as one ``[1, H, n, D]`` tensor (batch-wide amax)."""
+        if x.shape[0] == 1 and self.pads is None:
+            return x
+        real = torch.cat([r.reshape(1, r.shape[1], -1, r.shape[3]) for r in self._real_rows(x, start)], dim=2)
+        return real if real.shape[2] else torch.zeros_like(x[:1, :, :1])
+
+    def _child(self) -> PackedStream:
+        return PackedStream(self.fmt, self.codec, label=self.label, sink_tokens=self.sink_tokens,
+                            residual_length=self.residual_length, scale_policy=self.scale_policy,
+                            static_scale=self._static_scale, keep_dequantized=self.keep_dequantized,
+                            frozen_scales=self._frozen, scale_divisor=self._scale_divisor)
+
+    def _start_rows(self, x: torch.Tensor) -> None:
+        """Switch this padded batch to row-by-row storage (before its first write)."""
+        self._rows = [self._child() for _ in range(x.shape[0])]
+        self._row_total = 0
+        self._row_like = x[:1, :, :0]  # heads, head_dim, device of the rows (no data)
+        if self.scale_policy == "first_batch" and self.fmt.uses_global_scale and self._frozen.get(self.label) is None:
+            # batch-wide by definition: the real tokens past each row's sink, of every row
+            pads = self.pads or (0,) * x.shape[0]
+            real = [x[b : b + 1, :, pad + self.sink_tokens:] for b, pad in enumerate(pads)]
+            real = [r for r in real if r.shape[2]]
+            if real:
+                self._frozen_scale(torch.cat(real, dim=2), 0, batch_real=False)
+
+    def _append_rows(self, x: torch.Tensor) -> None:
+        assert self._rows is not None
+        for row, real in zip(self._rows, self._real_rows(x, self._row_total)):
+            if real.shape[2]:
+                row.append(real)
+        self._row_total += x.shape[2]
+
+    def _read_rows(self, dtype: torch.dtype, upto: int) -> torch.Tensor:
+        """Every row's stored tokens ``[0, upto)`` at their padded positions (zeros at pads)."""
+        assert self._rows is not None
+        pads = self.pads or (0,) * len(self._rows)
+        like = self._row_like
+        out = torch.zeros((len(self._rows), like.shape[1], upto, like.shape[3]), dtype=dtype, device=like.device)
+        for b, (row, pad) in enumerate(zip(self._rows, pads)):
+            if upto > pad and row.n_tokens:
+                out[b : b + 1, :, pad:upto] = row.read(dtype, upto=upto - pad)
+        return out
+
+    # ------------------------------------------------------------------ scales
+    def _frozen_scale(self, x: torch.Tensor, start: int, batch_real: bool = True) -> torch.Tensor | None:
+        """The scale a non-dynamic policy fixes at the first write ``x`` (tokens from position
+        ``start``; None: dynamic). ``prefill``: per row; ``first_batch``: batch-wide."""
         policy = self.scale_policy
         if policy == "prefill":
-            return self._computed_scale(x)
+            if self.pads is not None and any(r.shape[2] == 0 for r in self._real_rows(x, start)):
+                raise ValueError(
+                    f"{self.label}: a row's first write holds only padding, so the prefill scale of that "
+                    f"row is undefined; write each prompt's tokens in the first update (one prefill)."
+                )
+            return self._row_scales(x, start)
         if policy in ("static", "checkpoint"):
             return self._static_scale.to(x.device)  # type: ignore[union-attr]
         if policy == "unit":
@@ -164,6 +295,8 @@ class PackedStream:
         if policy == "first_batch":
             frozen = self._frozen.get(self.label)
             if frozen is None:
+                if batch_real:  # batch-wide by definition: the real tokens of every row
+                    x = self._batch_real(x, start)
                 if self._scale_divisor is None:
                     scale = self._computed_scale(x)
                 else:  # the engine's constant: one per-tensor scale amax / divisor
@@ -188,7 +321,7 @@ class PackedStream:
     def _pack(self, chunk: torch.Tensor) -> None:
         n = chunk.shape[2]
         if self.scale_policy == "dynamic" and self.fmt.uses_global_scale:
-            scale = self._computed_scale(chunk)
+            scale = self._row_scales(chunk, self.n_sink + self.n_packed)
             record = scale.expand(scale.shape[0], scale.shape[1], n, 1)
             self.scale_record = append_tokens(self._buffers, "scale_record", self.scale_record, record)
             read_scale = self.scale_record[:, :, self.n_packed :]
@@ -216,6 +349,8 @@ class PackedStream:
     def read(self, dtype: torch.dtype, upto: int | None = None) -> torch.Tensor:
         """The stored tokens ``[0, upto)`` (all when ``None``), dequantized to ``dtype``."""
         upto = self.n_tokens if upto is None else upto
+        if self._rows is not None:
+            return self._read_rows(dtype, upto)
         pieces = []
         s = min(upto, self.n_sink)
         if s:
@@ -262,6 +397,11 @@ class PackedStream:
         again. That is why such layers do not advertise ``is_croppable``. When everything is
         removed, a prefill-frozen scale is dropped too (the next write is a new prefill).
         """
+        if self._rows is not None:
+            for row in self._rows:
+                row.crop(min(tokens_to_remove, row.n_tokens))
+            self._row_total = max(self._row_total - tokens_to_remove, 0)
+            return
         keep = max(self.n_tokens - tokens_to_remove, 0)
         in_pending = keep - self.n_sink - self.n_packed
         if in_pending >= 0:
@@ -296,20 +436,42 @@ class PackedStream:
         self.pending = orphans
 
     def map_batch(self, fn) -> None:
-        """Apply a batch-dim operation (beam reorder, repeat, select) to everything stored."""
+        """Apply a batch-dim operation (beam reorder, repeat, select) to everything stored:
+        tokens, per-row scales, the padding, and (row-by-row storage) the rows themselves."""
+        example = self.stored_example()
+        batch = None if example is None else example.shape[0]
+        if batch is not None:
+            rows = fn(torch.arange(batch)).tolist()  # which old row each new row is
+            if self.pads is not None:
+                self.pads = tuple(self.pads[i] for i in rows)
+            if self._rows is not None:
+                self._rows = [self._rows[i].clone() for i in rows]
+                return
         self.sink = fn(self.sink) if self.sink is not None else None
         self.pending = fn(self.pending) if self.pending is not None else None
         self.dequantized = fn(self.dequantized) if self.dequantized is not None else None
         self.parts = map_parts(self.parts, fn)
-        # scales are shared by the whole batch unless a format made them per batch row
-        if self.scale is not None and self.scale.shape[0] > 1:
+        # per-row scales follow their rows; a [1, ...] scale shared by a larger batch stays shared
+        if self.scale is not None and self.scale.shape[0] == batch:
             self.scale = fn(self.scale)
-        if self.scale_record is not None and self.scale_record.shape[0] > 1:
+        if self.scale_record is not None and self.scale_record.shape[0] == batch:
             self.scale_record = fn(self.scale_record)
+
+    def clone(self) -> PackedStream:
+        """An independent copy sharing only immutable things (format, codec, the first_batch
+        store): stored tensors are never written in place, and the copy gets its own buffers."""
+        new = copy.copy(self)
+        new.parts = dict(self.parts) if self.parts is not None else None
+        new._buffers = {}
+        if self._rows is not None:
+            new._rows = [row.clone() for row in self._rows]
+        return new
 
     # ------------------------------------------------------------------ memory
     def nbytes(self) -> int:
         """Bytes of storage held: parts, global scales, sink and pending (not the fast path)."""
+        if self._rows is not None:
+            return sum(row.nbytes() for row in self._rows)
         total = parts_nbytes(self.parts)
         for t in (self.sink, self.pending, self.scale, self.scale_record):
             if t is not None:
@@ -318,6 +480,8 @@ class PackedStream:
 
     def packed_nbytes(self) -> int:
         """Bytes of the format's parts alone (codes + block scales)."""
+        if self._rows is not None:
+            return sum(row.packed_nbytes() for row in self._rows)
         return parts_nbytes(self.parts)
 
     def reserved_nbytes(self) -> int:
@@ -327,6 +491,8 @@ class PackedStream:
         to twice the used bytes between doublings; ``nbytes`` counts what the format stores, this
         counts what the allocator holds on top, so neither number hides the other.
         """
+        if self._rows is not None:
+            return sum(row.reserved_nbytes() for row in self._rows)
         views = [*(self.parts or {}).values(), self.scale_record, self.dequantized]
         in_use = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in views if t is not None}
         return sum(buf.numel() * buf.element_size() - in_use.get(buf.untyped_storage().data_ptr(), 0)
@@ -334,5 +500,7 @@ class PackedStream:
 
     def fastpath_nbytes(self) -> int:
         """Extra bytes held by the CPU fast path (dequantized copies of packed tokens)."""
+        if self._rows is not None:
+            return sum(row.fastpath_nbytes() for row in self._rows)
         t = self.dequantized
         return 0 if t is None else t.numel() * t.element_size()

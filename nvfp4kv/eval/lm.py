@@ -10,41 +10,53 @@ a fresh :func:`nvfp4kv.cache.make_cache` cache:
   previous prompt). The prompt is prefilled and every generated token decodes against the cache,
   with reads as the cache's ``read_mode`` says.
 
-* **Loglikelihood** (multiple choice: MMLU), three modes, because "which attention reads see
-  quantized K/V" is a real choice that changes the answer:
+* **Loglikelihood** (multiple choice: MMLU; ``loglikelihood_rolling``: perplexity windows),
+  three modes, because "which attention reads see quantized K/V" is a real choice that changes
+  the answer:
 
   ``decode_faithful`` (default)
-      The context (all but its last token) is prefilled into the quantized cache; then the last
-      context token plus the continuation (minus its last token) run as *one* forward against that
-      cache, and those logits score the continuation. So the first continuation token is predicted
-      by a step that reads the stored context back from the cache, exactly as a server answering a
-      cached prompt would. Under ``read_mode='serving'`` a single-token chunk (MMLU's " A") is a
-      decode step reading everything dequantized, and a multi-token chunk sees the prefix
-      dequantized and its own K/V raw (chunked-prefill semantics). Use this to measure what users
-      of a quantized-KV server experience. Batch 1, no padding.
+      The context (all but its last token) is prefilled into the quantized cache; then the
+      continuation is scored by **teacher-forced decoding through the cache**: the last context
+      token, then each continuation token but the last, is written to the cache as one decode
+      step that reads the cache back as the format stores it, and that step's logits score the
+      next continuation token. So every scored token is predicted exactly as a server decoding
+      that text would predict it (under ``read_mode='serving'`` a decode step reads everything
+      dequantized, itself included), and a token's score never depends on the tokens after it
+      (the first token of a 5-token continuation scores as it does alone). Rolling windows are
+      continuations too: each window is scored token by token through the cache, so perplexity
+      sees the format (one decode step per token: slow on long documents, by design).
 
   ``all_quantized``
       One forward over context+continuation through a cache with ``read_mode='quantized'``: every
       attention read, including within the prompt, sees dequantized K/V (SGLang's FP4 MHA pool
-      semantics; the same as fake-quantizing K/V after RoPE). The pessimistic bound.
+      semantics; the same as fake-quantizing K/V after RoPE). The pessimistic bound; a token's
+      score may depend on later tokens through the scale of the write.
 
   ``raw_prefill``
       One forward through a cache with ``read_mode='serving'``: the whole sequence is a single
       prefill chunk reading its own raw K/V, so **the KV format has no effect at all**. This is
       what HF's ``QuantizedCache`` does for single-forward scoring. Use it only as a control (it
-      must equal BF16) or to reproduce numbers from harnesses built on that behaviour.
+      must equal BF16, and HFLM) or to reproduce numbers from harnesses built on that behaviour.
 
-  For the two single-forward modes ``batch_size > 1`` right-pads; pad rows then reach the cache
-  and can move per-tensor dynamic scales, so keep ``batch_size=1`` for comparable numbers.
+**Batching** (``batch_size``: an integer or ``auto``; every mode, and ``generate_until``): rows
+are left-padded and the cache is told each row's padding
+(:meth:`~nvfp4kv.cache.QuantizedKVCache.set_padding`), so a row's codes, scales, log-likelihoods
+and greedy tokens are those it gets alone, under every scale policy but ``first_batch`` (one
+scale from the first forward's whole batch: batch-wide by definition). The one exception below
+the harness is the CPU GEMM's rounding, which depends on how many rows it multiplies: see
+:mod:`nvfp4kv.eval.lm_score` and ``tests/test_batch_invariance.py`` for what is exact and the
+measured size of the rest.
 
 Memoization (decode_faithful): requests are grouped by their prefilled prefix so each distinct
 context (e.g. an MMLU question shared by its four choices) is prefilled once; requests that also
 share the scored chunk (all four MMLU choices: the chunk is the context's last token) share one
-forward. When one context has several distinct chunks, the prefilled cache is **deep-copied** for
-each chunk but the last (which consumes the original). We copy rather than ``crop`` because a
-quantized layer's state is not only its tokens (dynamic scales, residual windows); a copy is
-exact by construction, and re-running the prefill would multiply the cost by the number of
-choices. Scores are memoized per (prefix, chunk, continuation) until :meth:`KVQuantLM.set_kv`.
+row of decode steps. When one context has several distinct chunks, the prefilled cache's rows are
+selected (``batch_select_indices``) once per chunk, or, for a context with more chunks than
+``batch_size``, the prefilled cache is **deep-copied** per group of rows. We copy rather than
+``crop`` because a quantized layer's state is not only its tokens (dynamic scales, residual
+windows); a copy is exact by construction, and re-running the prefill would multiply the cost by
+the number of choices. Scores are memoized per (prefix, chunk, continuation) until
+:meth:`KVQuantLM.set_kv`.
 
 Log-softmax runs in float32 in every mode unless ``softmax_dtype`` says otherwise (HFLM's default
 is the logits' dtype, i.e. BF16, which rounds log-probs to ~3 significant digits).
@@ -58,15 +70,14 @@ other :class:`~nvfp4kv.cache.KVCacheConfig` field (``k=fp8_e4m3;v=nvfp4;read_mod
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import inspect
 import re
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 import yaml
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -74,8 +85,9 @@ from tqdm.auto import tqdm
 
 from nvfp4kv.cache import KVCacheConfig, cache_kwarg_name, make_cache
 from nvfp4kv.cache.first_batch import FrozenScales
-from nvfp4kv.eval import prefill_share
+from nvfp4kv.eval import lm_score
 from nvfp4kv.errors import ConfigError
+from nvfp4kv.kernels.attention_interface import row_invariant_attention
 
 LoglikelihoodMode = Literal["decode_faithful", "all_quantized", "raw_prefill"]
 LOGLIKELIHOOD_MODES: tuple[str, ...] = get_args(LoglikelihoodMode)
@@ -141,8 +153,10 @@ class KVQuantLM(HFLM):
     """HFLM whose generation and loglikelihood read K/V through a quantized cache.
 
     Takes every HFLM argument plus ``kv`` (see :func:`parse_kv`) and ``loglikelihood_mode``.
-    ``stats`` counts forwards (``prefill_forwards``, ``chunk_forwards``, ``single_forwards``,
-    ``generate_caches``, ``memo_hits``) so tests and logs can verify the cache is really used.
+    ``stats`` counts forwards (``prefill_forwards`` and ``prefill_replays``: prefill batches run or
+    replayed; ``chunk_forwards``: decode-step forwards that score continuation tokens, one per
+    step of a batch; ``single_forwards``; ``generate_caches``; ``memo_hits``) so tests and logs
+    can verify the cache is really used.
     """
 
     def __init__(
@@ -201,24 +215,46 @@ class KVQuantLM(HFLM):
         config = self._kv if read_mode is None else dataclasses.replace(self._kv, read_mode=read_mode)
         return make_cache(self.model, config, self._frozen_scales)
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
-        """One forward that reads/extends ``cache``; returns logits ``[B, T, V]``."""
+    def _forward(self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
+        """One forward that reads/extends ``cache``; returns logits ``[B, T, V]`` (the last
+        ``logits_to_keep`` positions only, when given and the model supports it)."""
+        kwargs: dict[str, Any] = {cache_kwarg_name(self.model): cache}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if logits_to_keep is not None and self._accepts_logits_to_keep():
+            kwargs["logits_to_keep"] = logits_to_keep
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                              enabled=self.mixed_precision_dtype is not None):
-            out = self.model(input_ids=input_ids, use_cache=True, **{cache_kwarg_name(self.model): cache})
+            out = self.model(input_ids=input_ids, use_cache=True, **kwargs)
         return out.logits
+
+    def _accepts_logits_to_keep(self) -> bool:
+        if not hasattr(self, "_logits_to_keep_ok"):
+            self._logits_to_keep_ok = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep_ok
 
     # ------------------------------------------------------------------ generation
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
                         **generation_kwargs: Any) -> torch.Tensor:
-        generation_kwargs[cache_kwarg_name(self.model)] = self._fresh_cache()
+        """HFLM's batched generation (left-padded ``context``), through a fresh quantized cache
+        that knows each row's padding (from ``attention_mask``), so a row generates what it would
+        generate alone."""
+        cache = self._fresh_cache()
+        mask = generation_kwargs.get("attention_mask")
+        if mask is not None and context.shape[0] > 1:
+            lm_score.announce_padding(cache, _left_pads(mask))
+        generation_kwargs[cache_kwarg_name(self.model)] = cache
         self.stats["generate_caches"] += 1
-        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with row_invariant_attention(self.model):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     # ------------------------------------------------------------------ loglikelihood
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Single-forward scoring (all_quantized / raw_prefill, and batch-size probing)."""
+        """One forward through a fresh cache (HFLM's batch-size probing)."""
         if attn_mask is not None or labels is not None:  # seq2seq: no KV-cache semantics to apply
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         self.stats["single_forwards"] += 1
@@ -226,86 +262,54 @@ class KVQuantLM(HFLM):
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
-        if self.loglikelihood_mode != "decode_faithful" or self.backend != "causal":
+        """Score ``requests`` in the configured mode, batched and batch-invariant (lm_score.py)."""
+        if self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        return self._decode_faithful_loglikelihood(requests, disable_tqdm=disable_tqdm)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        keys = []
+        rows: dict[tuple[tuple[int, ...], tuple[int, ...]], lm_score.Row] = {}
+        for _, context, continuation in requests:
+            prefix, chunk = self._split(context, continuation)
+            key = (prefix, chunk, tuple(continuation))
+            keys.append(key)
+            if key not in self._score_memo:
+                row = rows.setdefault((prefix, chunk), lm_score.Row(prefix, chunk))
+                if key[2] not in row.conts:
+                    row.conts.append(key[2])
+        todo = list(rows.values())
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress or self.rank != 0,
+                    desc=f"loglikelihood [{self._kv.label}, {self.loglikelihood_mode}]")
+        if todo:
+            size = lm_score.batch_size_for(self, requests) if override_bs is None or self.batch_size != "auto" \
+                else max(1, int(override_bs))
+            with row_invariant_attention(self.model):
+                self._score_rows(todo, size, pbar)
+        scored = sum(len(row.conts) for row in todo)
+        for index, key in enumerate(keys):
+            results[index] = self._score_memo[key]
+            request_str = requests[index][0]
+            if request_str is not None:
+                self.cache_hook.add_partial("loglikelihood", request_str, results[index])
+        if len(requests) > scored:
+            self.stats["memo_hits"] += len(requests) - scored
+            pbar.update(len(requests) - scored)
+        pbar.close()
+        return results  # type: ignore[return-value]
+
+    def _score_rows(self, rows: list[lm_score.Row], size: int, pbar: Any) -> None:
+        if self.loglikelihood_mode == "decode_faithful":
+            self._score_memo.update(lm_score.decode_faithful(self, rows, size, pbar))
+        else:
+            read_mode = _SINGLE_FORWARD_READ_MODE[self.loglikelihood_mode]
+            self._score_memo.update(lm_score.single_forward(self, rows, size, read_mode, pbar))
 
     def _split(self, context: list[int], continuation: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(prefix to prefill, chunk whose logits score ``continuation``), after HFLM's truncation."""
+        """(prefix to prefill, chunk whose steps score ``continuation``), after HFLM's truncation."""
         if not context or not continuation or len(continuation) > self.max_length:
             raise ValueError("loglikelihood needs a non-empty context and a continuation within max_length")
         inp = (context + continuation)[-(self.max_length + 1):][:-1]
         cut = len(inp) - len(continuation)
         return tuple(inp[:cut]), tuple(inp[cut:])
-
-    def _decode_faithful_loglikelihood(self, requests: list[Request], disable_tqdm: bool) -> list[tuple[float, bool]]:
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        # prefix -> chunk -> [(request index, continuation)]; insertion order keeps locality
-        groups: dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]]] = defaultdict(dict)
-        for index, (_, context, continuation) in enumerate(requests):
-            prefix, chunk = self._split(context, continuation)
-            groups[prefix].setdefault(chunk, []).append((index, tuple(continuation)))
-
-        pbar = tqdm(total=len(requests), disable=disable_tqdm or not self.progress or self.rank != 0,
-                    desc=f"loglikelihood [{self._kv.label}, decode_faithful]")
-        for prefix, chunks in groups.items():
-            todo = {chunk: items for chunk, items in chunks.items()
-                    if any((prefix, chunk, cont) not in self._score_memo for _, cont in items)}
-            prefilled = self._prefill(prefix) if todo else None
-            for position, (chunk, items) in enumerate(todo.items()):
-                last_use = position == len(todo) - 1
-                cache = prefilled if last_use else copy.deepcopy(prefilled)
-                self._score_chunk(prefix, chunk, [cont for _, cont in items], cache)
-            for chunk, items in chunks.items():
-                for index, cont in items:
-                    results[index] = self._score_memo[(prefix, chunk, cont)]
-                    if chunk not in todo:
-                        self.stats["memo_hits"] += 1
-                    request_str = requests[index][0]
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, results[index])
-                    pbar.update(1)
-        pbar.close()
-        assert all(r is not None for r in results), "every request is scored"
-        return results  # type: ignore[return-value]
-
-    def _prefill(self, prefix: tuple[int, ...]) -> Any:
-        """A fresh cache holding ``prefix``. With ``share_prefill`` and a read mode under which the
-        prefill is format-independent, a prefix already computed (by any KV format) is replayed
-        into the cache instead of run again (exact: see nvfp4kv/eval/prefill_share.py)."""
-        cache = self._fresh_cache()
-        if not prefix:
-            return cache
-        store = (prefill_share.store_for(self.model)
-                 if self.share_prefill and self._kv.read_mode in prefill_share.SHAREABLE_READ_MODES else None)
-        writes = store.get(prefix) if store is not None else None
-        if writes is not None:
-            self.stats["prefill_replays"] += 1
-            prefill_share.replay(cache, writes)
-            return cache
-        recorder = prefill_share.WriteRecorder() if store is not None else None
-        cache.write_observer = recorder
-        self.stats["prefill_forwards"] += 1
-        try:
-            self._forward(torch.tensor([prefix], dtype=torch.long, device=self.device), cache)
-        finally:
-            cache.write_observer = None
-        if store is not None and recorder is not None:
-            store.put(prefix, recorder.writes)
-        return cache
-
-    def _score_chunk(self, prefix: tuple[int, ...], chunk: tuple[int, ...],
-                     continuations: Iterable[tuple[int, ...]], cache: Any) -> None:
-        self.stats["chunk_forwards"] += 1
-        logits = self._forward(torch.tensor([chunk], dtype=torch.long, device=self.device), cache)[0]
-        logprobs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-        greedy = logprobs.argmax(dim=-1)
-        for cont in continuations:
-            # the chunk has exactly len(cont) tokens: row i predicts cont[i]
-            target = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
-            score = float(logprobs.gather(1, target[:, None]).sum())
-            is_greedy = bool((greedy == target).all())
-            self._score_memo[(prefix, chunk, cont)] = (score, is_greedy)
 
     # ------------------------------------------------------------------ bookkeeping
     def get_model_info(self) -> dict[str, Any]:
@@ -315,6 +319,11 @@ class KVQuantLM(HFLM):
         }
         info.update(kv=self._kv.label, loglikelihood_mode=self.loglikelihood_mode)
         return info
+
+
+def _left_pads(mask: torch.Tensor) -> list[int]:
+    """Leading zeros of each row of a left-padded attention mask ``[B, T]``."""
+    return [int(n) for n in (mask.cumsum(-1) == 0).sum(-1).tolist()]
 
 
 def lm_eval_cli(argv: list[str] | None = None) -> None:

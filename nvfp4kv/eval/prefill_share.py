@@ -12,6 +12,14 @@ from one prefill per question per format into one prefill per question. Not used
 mode makes the prefill itself format-dependent (``quantized``, ``raw_fresh``) or when the prefix
 cache is written by something other than one forward over an empty cache.
 
+Batches: the key is the batch's prefixes, in order (:mod:`nvfp4kv.eval.lm_score` forms batches
+deterministically from the requests, so every format's cell runs the same batches), and the
+recorded writes are the batch's left-padded K/V. A replay announces the same padding
+(``set_padding``) and writes the same tensors, so it stores exactly what that batch's own prefill
+would have stored. Keying by the batch, not by each prefix, matters: on a CPU a row's K/V from a
+batched forward can differ in the last bits from the same row computed alone (GEMM rounding), and
+a replay must reproduce the forward it stands for bit for bit.
+
 The store is per model (weakly keyed: it dies with the model), bounded in bytes (least recently
 used prefixes dropped first; ``NVFP4KV_PREFILL_SHARE_GIB``, default 3), and holds references to
 the very tensors the forward produced (nothing is copied or rounded). ``tests/test_eval_lm.py``
@@ -23,6 +31,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -38,24 +47,25 @@ def budget_bytes() -> int:
 
 
 class PrefillStore:
-    """Recorded prefill writes (one ``(k, v)`` per layer) keyed by prefix tokens, LRU within a byte budget."""
+    """Recorded prefill writes (one ``(k, v)`` per layer) keyed by the batch's prefix tokens
+    (a tuple of token tuples), LRU within a byte budget."""
 
     def __init__(self, budget: int | None = None) -> None:
         self.budget = budget_bytes() if budget is None else budget
-        self._entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self._entries: OrderedDict[Hashable, KV] = OrderedDict()
         self.nbytes = 0
 
     @staticmethod
     def _size(writes: KV) -> int:
         return sum(t.numel() * t.element_size() for pair in writes if pair is not None for t in pair)
 
-    def get(self, prefix: tuple[int, ...]) -> KV | None:
+    def get(self, prefix: Hashable) -> KV | None:
         writes = self._entries.get(prefix)
         if writes is not None:
             self._entries.move_to_end(prefix)
         return writes
 
-    def put(self, prefix: tuple[int, ...], writes: KV) -> None:
+    def put(self, prefix: Hashable, writes: KV) -> None:
         size = self._size(writes)
         if size > self.budget or prefix in self._entries:
             return

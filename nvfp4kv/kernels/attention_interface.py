@@ -14,6 +14,16 @@ Triton interpreter, no dropout / softcap / attention sinks / position bias. Othe
 transformers' own SDPA function on the K/V the cache returned: same math, so that is not a
 change of numerics, and it is logged once per reason. Given stand-ins (the cache skipped
 dequantizing), a fallback is impossible and it raises instead.
+
+Row-invariant attention for left-padded batches (:class:`row_invariant_attention`): SDPA over a
+padded batch does not give a row what it gets alone (a decode step over ``n`` keys plus masked
+pads is reduced in another order than over the ``n`` keys alone, so the last bits differ).
+``nvfp4kv_rows_sdpa`` calls transformers' SDPA function once per padded row, on that row's real
+queries and keys only and with exactly the arguments an unpadded call would get (no mask where
+SDPA's own mask builder would skip it), so each row's attention output is bit-identical to the row
+computed alone; an unpadded batch is one plain call. The lm-eval model switches a model to it only
+for the duration of its own calls. Other implementations (``eager``, whose function is
+model-specific, ``nvfp4kv_decode``, flash kernels) are left as they are.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ __all__ = [
     "packed_operand",
     "publish",
     "register_attention",
+    "row_invariant_attention",
 ]
 
 logger = logging.getLogger("nvfp4kv.kernels")
@@ -165,3 +176,78 @@ def register_attention(name: str = ATTN_IMPLEMENTATION) -> str:
     AttentionInterface.register(name, nvfp4kv_decode_attention)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+# ---------------------------------------------------------------------------- row-invariant attention
+#: attention implementation -> its row-invariant twin
+ROW_INVARIANT = {"sdpa": "nvfp4kv_rows_sdpa"}
+
+
+def _leading_pads(mask: torch.Tensor, keys: int) -> list[int]:
+    """Left pad keys per row of a 4-D mask ``[B, 1|H, q, >=keys]`` (bool: True attends; float:
+    0 attends), read from the row's last query, which sees every real key."""
+    last = mask[:, 0, -1, :keys]
+    attends = last if last.dtype == torch.bool else last == 0
+    return [int(n) for n in (attends.long().cumsum(-1) == 0).sum(-1).tolist()]
+
+
+def _rowwise(inner: Any) -> Any:
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if attention_mask is None or attention_mask.dim() != 4:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        tq, tk = query.shape[2], key.shape[2]
+        pads = _leading_pads(attention_mask, tk)
+        if not any(pads):
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        outs = []
+        for b, pad in enumerate(pads):
+            q0 = min(max(pad - (tk - tq), 0), tq)
+            q_b, k_b, v_b = query[b : b + 1, :, q0:], key[b : b + 1, :, pad:], value[b : b + 1, :, pad:]
+            out = query.new_zeros((1, tq, query.shape[1], value.shape[-1]))
+            if q_b.shape[2] and k_b.shape[2]:
+                # what the row alone would be given: SDPA skips the mask of a plain causal call
+                alone = q_b.shape[2] == 1 or q_b.shape[2] == k_b.shape[2]
+                mask_b = None if alone else attention_mask[b : b + 1, :, q0:, pad:tk]
+                o, _ = inner(module, q_b, k_b, v_b, mask_b, **kwargs)
+                out[:, q0:] = o
+            outs.append(out)
+        return torch.cat(outs, dim=0), None
+
+    return attention
+
+
+def register_row_invariant() -> None:
+    """Register ``nvfp4kv_rows_sdpa`` with SDPA's mask builder; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ROW_INVARIANT["sdpa"], _rowwise(sdpa_attention_forward))
+    AttentionMaskInterface.register(ROW_INVARIANT["sdpa"], sdpa_mask)
+
+
+class row_invariant_attention:
+    """Context manager: a model running ``sdpa`` runs ``nvfp4kv_rows_sdpa`` inside and gets its
+    own implementation back on exit (any other implementation is left as it is). Re-entrant:
+    only the outermost use switches."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.previous: str | None = None
+
+    def __enter__(self) -> row_invariant_attention:
+        config = getattr(self.model, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if current in ROW_INVARIANT:
+            register_row_invariant()
+            self.previous = current
+            self.model.set_attn_implementation(ROW_INVARIANT[current])
+            if getattr(self.model.config, "_attn_implementation", None) != ROW_INVARIANT[current]:
+                self.previous = None  # the model cannot switch implementations: left as it is
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+            self.previous = None
