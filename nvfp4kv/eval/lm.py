@@ -45,7 +45,11 @@ and greedy tokens are those it gets alone, under every scale policy but ``first_
 scale from the first forward's whole batch: batch-wide by definition). The one exception below
 the harness is the CPU GEMM's rounding, which depends on how many rows it multiplies: see
 :mod:`nvfp4kv.eval.lm_score` and ``tests/test_batch_invariance.py`` for what is exact and the
-measured size of the rest.
+measured size of the rest. Attention: a model running ``sdpa`` is switched to its row-invariant
+twin for the duration of each call (:class:`~nvfp4kv.kernels.attention_interface.row_invariant_attention`;
+one SDPA call per padded row); other implementations are left as they are, so with
+``nvfp4kv_decode`` (the fused GPU kernel, whose split-K reduction sees the pads) or ``eager``,
+padded rows are not guaranteed bit-identical to the same rows alone.
 
 Memoization (decode_faithful): requests are grouped by their prefilled prefix so each distinct
 context (e.g. an MMLU question shared by its four choices) is prefilled once; requests that also
