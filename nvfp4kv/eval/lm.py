@@ -76,19 +76,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
 import torch
-import yaml
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
 from nvfp4kv.cache import KVCacheConfig, cache_kwarg_name, make_cache
 from nvfp4kv.cache.first_batch import FrozenScales
+from nvfp4kv.config.kv import kv_values
 from nvfp4kv.eval import lm_score
 from nvfp4kv.errors import ConfigError
 from nvfp4kv.kernels.attention_interface import row_invariant_attention
@@ -99,8 +98,6 @@ LOGLIKELIHOOD_MODES: tuple[str, ...] = get_args(LoglikelihoodMode)
 #: read_mode forced by the single-forward loglikelihood modes (decode_faithful keeps the config's)
 _SINGLE_FORWARD_READ_MODE = {"all_quantized": "quantized", "raw_prefill": "serving"}
 
-_FORMAT_KEYS = {"k": "k_format", "v": "v_format"}
-
 # (request string or None for rolling windows, context tokens, continuation tokens)
 Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
@@ -109,35 +106,14 @@ def parse_kv(kv: KVCacheConfig | Mapping[str, Any] | str | None) -> KVCacheConfi
     """Accept a config object, its ``to_dict()`` form, or a compact string.
 
     Strings: ``"nvfp4"`` (both K and V), ``"k=fp8_e4m3,v=nvfp4"`` (``,`` or ``;`` separated), and
-    any ``field=value`` of :class:`KVCacheConfig` (values parsed as YAML scalars/lists).
+    any ``field=value`` of :class:`KVCacheConfig` (values parsed as YAML scalars/lists). Parsed by
+    the one KV parser, :func:`nvfp4kv.config.kv.kv_values`, as sweeps and ``from_dict`` are.
     """
-    if kv is None:
-        return KVCacheConfig(k_format="bf16", v_format="bf16")
     if isinstance(kv, KVCacheConfig):
         return kv
-    if isinstance(kv, Mapping):  # a dict, a to_dict() record, or a Hydra DictConfig
-        return KVCacheConfig.from_dict(kv)
-    if not isinstance(kv, str):
+    if kv is not None and not isinstance(kv, (str, Mapping)):
         raise ConfigError(f"kv must be a KVCacheConfig, a dict or a string like 'nvfp4'; got {type(kv).__name__}.")
-    field_names = {f.name for f in dataclasses.fields(KVCacheConfig)}
-    values: dict[str, Any] = {}
-    for item in (part.strip() for part in re.split(r"[;,]", kv)):
-        if not item:
-            continue
-        if "=" not in item:
-            values["k_format"] = values["v_format"] = item
-            continue
-        key, raw = (s.strip() for s in item.split("=", 1))
-        key = _FORMAT_KEYS.get(key, key)
-        if key not in field_names:
-            raise ConfigError(
-                f"Unknown KV config key {key!r} in kv={kv!r}; use k=<format>, v=<format> or one of "
-                f"{sorted(field_names)}."
-            )
-        values[key] = raw if key in ("k_format", "v_format") else yaml.safe_load(raw)
-    if "k_format" not in values or "v_format" not in values:
-        raise ConfigError(f"kv={kv!r} names no format for K and V; write e.g. kv=nvfp4 or kv=k=fp8_e4m3;v=nvfp4.")
-    return KVCacheConfig(**values)
+    return KVCacheConfig(**kv_values(kv))
 
 
 def _check_mode(mode: str) -> str:
