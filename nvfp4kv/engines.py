@@ -26,20 +26,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from nvfp4kv.config.choices import BUILTIN_FORMATS, READ_MODES, SCALE_POLICIES
 from nvfp4kv.errors import ConfigError
 
 #: configs/engine/ beside the package (the Hydra config group ``engine``)
 ENGINE_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "engine"
 
-#: scale policies a profile may impose (nvfp4kv.cache.config plus the engine-facing ones):
-#: prefill (per-prompt amax, frozen), dynamic, static (calibrated scales file), checkpoint
-#: (k_scale/v_scale tensors of the checkpoint), first_batch (vLLM --calculate-kv-scales), unit (1.0)
-SCALE_POLICIES: tuple[str, ...] = ("prefill", "dynamic", "static", "checkpoint", "first_batch", "unit")
-#: KVCacheConfig.read_mode values
-READ_MODES: tuple[str, ...] = ("serving", "quantized", "raw_fresh")
-#: our KV format names (nvfp4kv.formats registry); kept here so this module stays torch-free.
-#: tests/test_engines.py checks it against nvfp4kv.formats.base.available_formats().
-KNOWN_FORMATS: tuple[str, ...] = ("bf16", "fp4_mx_block16", "fp8_e4m3", "int2", "int4", "mxfp4", "nvfp4")
+#: the scale policies, read modes and built-in format names a profile may name: the one torch-free
+#: list of closed choices (nvfp4kv/config/choices.py), which KVCacheConfig validates against too;
+#: tests/test_engines.py checks the format names against the nvfp4kv.formats registry.
+KNOWN_FORMATS: tuple[str, ...] = BUILTIN_FORMATS
 #: KVCacheConfig's default k_format/v_format, used when a KV field dict does not name them
 DEFAULT_KV_FORMAT = "nvfp4"
 #: formats that store K/V unquantized: no Q quantization, no scale policy, nothing to note

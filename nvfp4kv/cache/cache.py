@@ -199,18 +199,16 @@ class QuantizedKVCache(Cache):
         if any(i >= n_layers for i in cfg.skip_layers):
             raise ConfigError(f"skip_layers {list(cfg.skip_layers)} name layers past the model's {n_layers} layers "
                               f"(indices 0..{n_layers - 1}). Drop those indices from skip_layers.")
+        kv_heads, head_dim = attention_shape(text_config)
         if cfg.static_scales_file is not None:
             from nvfp4kv.calibration.scales_file import load_scales_file
 
-            kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-            head_dim_ = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-            load_scales_file(cfg.static_scales_file).check_model(n_layers, kv_heads, head_dim_, cfg.static_scales_file)
+            load_scales_file(cfg.static_scales_file).check_model(n_layers, kv_heads, head_dim, cfg.static_scales_file)
         if cfg.static_scales is not None and any(i >= n_layers for i in cfg.static_scales):
             raise ConfigError(f"static_scales has layers {sorted(cfg.static_scales)} but the model has {n_layers} "
                               f"layers (indices 0..{n_layers - 1}): the scales belong to another model. Calibrate "
                               f"scales for this model.")
         quantized = [i for i, t in enumerate(layer_types) if t in QUANTIZED_LAYER_TYPES and i not in cfg.skip_layers]
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         for which, fmt in (("K", self._k_format), ("V", self._v_format)):
             if quantized and head_dim % fmt.block_size:
                 raise BlockSizeError(
@@ -253,6 +251,14 @@ def _decode_scale(value: float, fmt: KVFormat, convention: str) -> torch.Tensor 
         return None
     value = fmt.static_decode_scale(value, convention)
     return torch.tensor(value, dtype=torch.float32).reshape(1, 1, 1, 1)
+
+
+def attention_shape(text_config: Any) -> tuple[int, int]:
+    """(KV heads, head_dim) of a decoder config: the shape of what a cache stores per token and
+    layer (``head_dim`` when the config states it, else ``hidden_size / attention heads``)."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    return int(kv_heads), int(head_dim)
 
 
 def make_cache(model: Any, kv_config: KVCacheConfig | Mapping[str, Any] | None = None,

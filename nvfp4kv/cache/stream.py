@@ -53,7 +53,7 @@ from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.parts import append_parts, append_tokens, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
-from nvfp4kv.formats.numerics import saturating_cast
+from nvfp4kv.formats.numerics import finite_abs, saturating_cast
 from nvfp4kv.kernels.backend import KernelBackend
 
 
@@ -300,7 +300,7 @@ class PackedStream:
                 if self._scale_divisor is None:
                     scale = self._computed_scale(x)
                 else:  # the engine's constant: one per-tensor scale amax / divisor
-                    amax = torch.nan_to_num(x.detach().float().abs(), nan=0.0, posinf=0.0).amax()
+                    amax = finite_abs(x.detach()).amax()
                     scale = (amax / self._scale_divisor).reshape(1, 1, 1, 1)
                     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
                 frozen = self._frozen.freeze(self.label, scale)

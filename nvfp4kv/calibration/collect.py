@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nvfp4kv.cache.cache import attention_shape
 from nvfp4kv.calibration.scales_file import LayerAmax, ScalesFile
 from nvfp4kv.calibration.texts import pack_windows
 from nvfp4kv.errors import NVFP4KVError
@@ -59,8 +60,7 @@ def calibrate(bundle: Any, texts: list[str], *, max_length: int, data: dict[str,
     start = time.time()
     stats = collect_kv_amax(bundle.model, windows, progress=progress)
     text_config = bundle.model.config.get_text_config(decoder=True)
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    kv_heads, head_dim = attention_shape(text_config)
     layers = {
         idx: LayerAmax(k_amax=float(e["k"].max()), v_amax=float(e["v"].max()),
                        k_amax_per_head=[float(x) for x in e["k"]], v_amax_per_head=[float(x) for x in e["v"]])

@@ -95,10 +95,10 @@ def get_model(spec: Any) -> Any:
 
 
 def head_dim(model: Any) -> int:
+    from nvfp4kv.cache.cache import attention_shape
+
     config = model.config
-    text_config = getattr(config, "get_text_config", lambda: config)()
-    value = getattr(text_config, "head_dim", None)
-    return int(value or text_config.hidden_size // text_config.num_attention_heads)
+    return attention_shape(getattr(config, "get_text_config", lambda: config)())[1]
 
 
 def bits_per_element(kv: Any, model: Any) -> float:
