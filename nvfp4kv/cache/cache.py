@@ -199,10 +199,11 @@ class QuantizedKVCache(Cache):
         if any(i >= n_layers for i in cfg.skip_layers):
             raise ConfigError(f"skip_layers {list(cfg.skip_layers)} name layers past the model's {n_layers} layers "
                               f"(indices 0..{n_layers - 1}). Drop those indices from skip_layers.")
-        kv_heads, head_dim = attention_shape(text_config)
+        head_dim = config_head_dim(text_config)
         if cfg.static_scales_file is not None:
             from nvfp4kv.calibration.scales_file import load_scales_file
 
+            kv_heads, _ = attention_shape(text_config)
             load_scales_file(cfg.static_scales_file).check_model(n_layers, kv_heads, head_dim, cfg.static_scales_file)
         if cfg.static_scales is not None and any(i >= n_layers for i in cfg.static_scales):
             raise ConfigError(f"static_scales has layers {sorted(cfg.static_scales)} but the model has {n_layers} "
@@ -253,12 +254,15 @@ def _decode_scale(value: float, fmt: KVFormat, convention: str) -> torch.Tensor 
     return torch.tensor(value, dtype=torch.float32).reshape(1, 1, 1, 1)
 
 
+def config_head_dim(text_config: Any) -> int:
+    """head_dim of a decoder config: stated, else ``hidden_size / attention heads``."""
+    return int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+
+
 def attention_shape(text_config: Any) -> tuple[int, int]:
-    """(KV heads, head_dim) of a decoder config: the shape of what a cache stores per token and
-    layer (``head_dim`` when the config states it, else ``hidden_size / attention heads``)."""
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    """(KV heads, head_dim) of a decoder config: the shape of what a cache stores per token and layer."""
     kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    return int(kv_heads), int(head_dim)
+    return int(kv_heads), config_head_dim(text_config)
 
 
 def make_cache(model: Any, kv_config: KVCacheConfig | Mapping[str, Any] | None = None,

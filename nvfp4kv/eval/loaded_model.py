@@ -95,10 +95,10 @@ def get_model(spec: Any) -> Any:
 
 
 def head_dim(model: Any) -> int:
-    from nvfp4kv.cache.cache import attention_shape
+    from nvfp4kv.cache.cache import config_head_dim
 
     config = model.config
-    return attention_shape(getattr(config, "get_text_config", lambda: config)())[1]
+    return config_head_dim(getattr(config, "get_text_config", lambda: config)())
 
 
 def bits_per_element(kv: Any, model: Any) -> float:
