@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from nvfp4kv.config.schema import task_family_keys
@@ -168,17 +167,13 @@ def first_digits(text: str) -> str:
 # ---------------------------------------------------------------------------- running
 def _generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tokens: int,
               frozen_scales: Any = None) -> str:
-    from nvfp4kv.cache import cache_kwarg_name, make_cache
+    """Greedy digits through a fresh quantized cache (prefill shared between KV formats under
+    serving reads: nvfp4kv/eval/greedy.py)."""
+    from nvfp4kv.eval.greedy import greedy_generate
 
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            **{cache_kwarg_name(model): make_cache(model, kv, frozen_scales)},
-        )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = greedy_generate(model, input_ids, kv, new_tokens, pad_token_id=pad, frozen_scales=frozen_scales)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @register_task_kind("passkey")

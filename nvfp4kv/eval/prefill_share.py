@@ -54,6 +54,8 @@ class PrefillStore:
         self.budget = budget_bytes() if budget is None else budget
         self._entries: OrderedDict[Hashable, KV] = OrderedDict()
         self.nbytes = 0
+        #: prompt -> the first greedy token its prefill's logits choose (nvfp4kv.eval.greedy)
+        self.first_tokens: dict[Hashable, int] = {}
 
     @staticmethod
     def _size(writes: KV) -> int:

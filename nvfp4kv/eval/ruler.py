@@ -30,7 +30,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from nvfp4kv.config.schema import task_family_keys
@@ -171,18 +170,15 @@ def encode(tokenizer: Any, context: str) -> list[int]:
 
 def generate(model: Any, tokenizer: Any, input_ids: list[int], kv: Any, new_tokens: int,
              until: tuple[str, ...] = (), frozen_scales: Any = None) -> str:
-    """Greedy continuation through a fresh quantized cache, post-processed as HFLM does."""
+    """Greedy continuation through a fresh quantized cache (its prefill shared between KV formats
+    under serving reads: nvfp4kv/eval/greedy.py), post-processed as HFLM does."""
     from lm_eval.models.utils import postprocess_generated_text
 
-    from nvfp4kv.cache import cache_kwarg_name, make_cache
+    from nvfp4kv.eval.greedy import greedy_generate
 
-    device = next(model.parameters()).device
-    ids = torch.tensor([input_ids], dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad, **{cache_kwarg_name(model): make_cache(model, kv, frozen_scales)})
-    text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    tokens = greedy_generate(model, input_ids, kv, new_tokens, pad_token_id=pad, frozen_scales=frozen_scales)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     stops = list(until)
     if tokenizer.eos_token_id is not None:
         stops.append(tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False))
