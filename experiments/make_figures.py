@@ -5,6 +5,7 @@ Writes into ``results/figures/`` (by default):
 - ``accuracy.png``: accuracy per KV format per task, 95% error bars;
 - ``accuracy_vs_memory.png``: Δ accuracy vs BF16 over KV bits per element, paired 95% CIs;
 - ``retrieval_heatmap.png``: pass-key retrieval over context length x needle depth per format;
+- ``accuracy_by_length.png``: pass-key and RULER accuracy vs context length per format (long-context runs);
 - ``layer_sqnr.png``: per-layer, per-KV-head SQNR of K and V per format (fidelity task).
 
 ``RUN_DIR`` may be a run dir, a parent of runs (merged) or a glob; default: the newest run under
@@ -28,7 +29,7 @@ from nvfp4kv.analysis.runs import find_repo_root
 DEFAULT_OUT = (find_repo_root() or Path.cwd()) / "results" / "figures"
 #: standard figure (nvfp4kv.analysis.report.FIGURES) -> README file name
 FILES = {"accuracy": "accuracy.png", "delta_vs_bits": "accuracy_vs_memory.png",
-         "retrieval": "retrieval_heatmap.png", "layers": "layer_sqnr.png"}
+         "retrieval": "retrieval_heatmap.png", "by_length": "accuracy_by_length.png", "layers": "layer_sqnr.png"}
 
 
 def make_figures(spec: str | Path, out: Path = DEFAULT_OUT, *, baseline: str = "bf16", n_boot: int = 2000,

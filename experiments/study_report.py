@@ -1,6 +1,7 @@
 """The study's tables and figure from its run directories: ``python -m experiments.study_report <run dir>...``.
 
-Pools a benchmark split into resumable cells (``mmlu_a``, ``mmlu_b``, ``mmlu_c`` -> ``mmlu``: any
+Several run dirs (the study's MMLU, GSM8K and retrieval sweeps) go into one table, each task scored
+by its headline metric. Pools a benchmark split into resumable cells (``mmlu_a``, ``mmlu_b``, ``mmlu_c`` -> ``mmlu``: any
 tasks named ``<name>_<letter>``) question by question, then writes, next to the first run dir
 unless ``--out`` says otherwise: ``study_table.md`` / ``study_table.csv`` (accuracy, paired Δ vs
 BF16 with its 95% interval, answer flips, McNemar p, verdict), ``fidelity.md`` and
@@ -17,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from nvfp4kv import analysis as A
-from nvfp4kv.analysis.study import fidelity_summary, pool_tasks, study_markdown, study_table
+from nvfp4kv.analysis.study import fidelity_summary, headline_metrics, pool_tasks, study_markdown, study_table
 
 #: chance accuracy of the pooled tasks a study uses (a flag, not a correction)
 CHANCE = {"mmlu": 0.25}
@@ -32,13 +33,16 @@ def auto_pools(tasks: list[str]) -> dict[str, list[str]]:
     return {name: sorted(parts) for name, parts in pools.items() if len(parts) > 1}
 
 
-def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = "acc,none") -> dict[str, Path]:
+def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = "auto") -> dict[str, Path]:
+    """``metric="auto"``: each task's headline metric (MMLU ``acc,none``, GSM8K
+    ``exact_match,flexible-extract``, pass-key ``acc``, RULER ``score``)."""
     tidy = A.load_results(run_dirs)
     samples = A.load_samples(run_dirs)
     pools = auto_pools(sorted(samples["task"].unique()))
     pooled = pool_tasks(samples, pools)
     bits = {kv: float(b) for kv, b in tidy.groupby("kv")["bits_per_element"].first().items() if pd.notna(b)}
-    table = study_table(pooled, metric=metric, baseline=baseline, chance=CHANCE, bits=bits)
+    chosen = headline_metrics(pooled) if metric == "auto" else metric
+    table = study_table(pooled, metric=chosen, baseline=baseline, chance=CHANCE, bits=bits)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "study_table.csv", "md": out / "study_table.md", "fidelity": out / "fidelity.md",
              "figure": out / "study_delta.png"}
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", type=Path, default=None, help="default: <first run dir>/study")
     parser.add_argument("--baseline", default="bf16")
-    parser.add_argument("--metric", default="acc,none")
+    parser.add_argument("--metric", default="auto", help="a per-sample metric, or auto: each task's headline metric")
     args = parser.parse_args(argv)
     out = args.out or Path(args.run_dirs[0]) / "study"
     paths = build(args.run_dirs, out, args.baseline, args.metric)

@@ -342,6 +342,31 @@ def test_plot_retrieval_heatmaps_show_the_grid(run_a: Path) -> None:
         np.testing.assert_allclose(line.get_ydata(), pooled, err_msg=kv)
 
 
+def test_plot_score_by_length_pools_split_cells_and_ruler_partial_scores() -> None:
+    """Pass-key split into per-length cells and RULER partial scores: one line per format, the
+    per-length mean of the samples, one panel per model x task kind."""
+    rows = []
+    for kv, hits in (("bf16", [1, 1, 1, 0]), ("nvfp4", [1, 0, 0, 0])):
+        for i, acc in enumerate(hits):
+            task, length = ("passkey_4k", 4096) if i < 2 else ("passkey_8k", 8000)
+            rows.append({"model": "m", "task": task, "kv": kv, "metric": "acc", "value": float(acc),
+                         "context_len": length, "doc_id": i})
+        for i, score in enumerate([1.0, 0.5, 0.25, 0.0] if kv == "bf16" else [0.5, 0.5, 0.0, 0.0]):
+            rows.append({"model": "m", "task": "ruler_4k" if i < 2 else "ruler_8k", "kv": kv, "metric": "score",
+                         "value": score, "context_len": 4096 if i < 2 else 8192, "doc_id": i})
+    fig = A.plot_score_by_length(pd.DataFrame(rows))
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_ylabel() for ax in panels] == ["pass-key accuracy", "RULER score"]
+    passkey, ruler = ([line for line in ax.get_lines() if line.get_label().startswith(kv)] for ax in panels
+                      for kv in ("",))
+    assert [line.get_label().split(" ")[0] for line in passkey] == ["bf16", "nvfp4"]
+    np.testing.assert_allclose(passkey[0].get_ydata(), [1.0, 0.5])
+    np.testing.assert_allclose(passkey[1].get_ydata(), [0.5, 0.0])
+    assert passkey[0].get_xdata().tolist() == [4096, 8000]
+    np.testing.assert_allclose(ruler[0].get_ydata(), [0.75, 0.125])
+    np.testing.assert_allclose(ruler[1].get_ydata(), [0.5, 0.0])
+
+
 def test_wilson_interval_by_hand() -> None:
     from nvfp4kv.analysis.plots import _wilson
 
@@ -379,7 +404,8 @@ def test_make_figures_writes_the_readme_figures(run_a: Path, tmp_path: Path) -> 
 
     assert main([str(run_a), "--out", str(tmp_path), "--n-boot", "200", "--dpi", "60"]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["accuracy.png", "accuracy_vs_memory.png", "layer_sqnr.png", "retrieval_heatmap.png"]
+    assert names == ["accuracy.png", "accuracy_by_length.png", "accuracy_vs_memory.png", "layer_sqnr.png",
+                     "retrieval_heatmap.png"]
     for p in tmp_path.iterdir():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from experiments.study_report import auto_pools, build
-from nvfp4kv.analysis.study import pool_tasks, study_table
+from nvfp4kv.analysis.study import headline_metrics, pool_tasks, study_table
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL_SCALES = REPO / "results/scales/smollm2-135m-instruct/gsm8k-n96-L1024-s1234.json"
@@ -44,6 +44,31 @@ def test_a_task_at_chance_is_flagged_non_discriminative():
     other = frame("fp8", "mmlu", [0, 1, 0, 0] * 10).assign(sample_task="mmlu")
     table = study_table(pd.concat([chance_level, other]), metric="acc", chance={"mmlu": 0.25}, n_boot=200)
     assert all(v.startswith("non-discriminative: BF16 within chance") for v in table["verdict"])
+
+
+def test_each_task_is_scored_by_its_own_headline_metric_and_partial_scores_count_as_flips():
+    """One table over the study's run dirs: MMLU by acc,none, GSM8K by flexible-extract, RULER by its
+    partial score (a sample scored lower counts as lost)."""
+    def rows(kv, task, metric, values):
+        return frame(kv, task, values).assign(metric=metric)
+
+    samples = pd.concat([
+        rows("bf16", "mmlu", "acc,none", [1, 0, 1, 1]), rows("nvfp4", "mmlu", "acc,none", [1, 1, 1, 0]),
+        rows("bf16", "gsm8k", "exact_match,flexible-extract", [1, 1, 0, 0]),
+        rows("bf16", "gsm8k", "exact_match,strict-match", [0, 0, 0, 0]),
+        rows("nvfp4", "gsm8k", "exact_match,flexible-extract", [1, 0, 0, 0]),
+        rows("nvfp4", "gsm8k", "exact_match,strict-match", [0, 0, 0, 0]),
+        rows("bf16", "ruler_4k", "score", [1.0, 0.5, 0.75, 0.0]), rows("nvfp4", "ruler_4k", "score", [1.0, 0.25, 1.0, 0.0]),
+    ])
+    chosen = headline_metrics(samples)
+    assert chosen == {"gsm8k": "exact_match,flexible-extract", "mmlu": "acc,none", "ruler_4k": "score"}
+    table = study_table(samples, metric=chosen, n_boot=200).set_index(["task", "kv"])
+    assert table.loc[("gsm8k", "nvfp4"), "metric"] == "exact_match,flexible-extract"
+    assert table.loc[("gsm8k", "nvfp4"), "delta"] == pytest.approx(-0.25)
+    assert (table.loc[("mmlu", "nvfp4"), "lost"], table.loc[("mmlu", "nvfp4"), "gained"]) == (1, 1)
+    ruler = table.loc[("ruler_4k", "nvfp4")]
+    assert ruler["delta"] == pytest.approx(0.0) and (ruler["lost"], ruler["gained"]) == (1, 1)
+    assert pd.isna(ruler["p_mcnemar"])  # McNemar needs 0/1 outcomes
 
 
 def test_study_sweep_composes_and_runs_on_a_tiny_slice(tmp_path):

@@ -32,6 +32,7 @@ from nvfp4kv.analysis.plots import (
     plot_delta_vs_bits,
     plot_layer_sqnr,
     plot_retrieval_by_length,
+    plot_score_by_length,
     plot_retrieval_heatmaps,
     save_figure,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "plot_delta_vs_bits",
     "plot_layer_sqnr",
     "plot_retrieval_by_length",
+    "plot_score_by_length",
     "plot_retrieval_heatmaps",
     "primary_rows",
     "resolve_run_dirs",

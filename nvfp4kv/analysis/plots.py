@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -271,4 +272,55 @@ def plot_retrieval_by_length(grid: pd.DataFrame) -> Figure:
         ax.set_title(model, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("Retrieval accuracy by context length (Wilson 95% CI)")
+    return fig
+
+
+#: per-sample metrics of the long-context tasks, drawn by :func:`plot_score_by_length` (pass-key, RULER)
+LENGTH_METRICS = {"acc": "pass-key accuracy", "score": "RULER score"}
+
+
+def plot_score_by_length(samples: pd.DataFrame, metrics: Mapping[str, str] | None = None) -> Figure:
+    """Long-context accuracy vs context length, one line per KV format, one panel per model x task kind.
+
+    From per-sample records (:func:`~nvfp4kv.analysis.load.samples_frame`) that carry ``context_len``:
+    pass-key trials (``acc``, 0/1: Wilson 95% CI) and RULER samples (``score``, a fraction for the
+    multi-needle tasks: mean ± 1.96 standard errors, clipped to [0, 1]), pooled over depths, RULER
+    subtasks and the cells a sweep splits lengths into (``passkey_4k``, ``passkey_8k``).
+    """
+    metrics = dict(metrics or LENGTH_METRICS)
+    if samples.empty or "context_len" not in samples:
+        return _empty_figure("No samples with a context length in these results.")
+    sel = samples[samples["metric"].isin(metrics) & samples["context_len"].notna()]
+    if sel.empty:
+        return _empty_figure("No pass-key or RULER samples in these results.")
+    panels = sorted({(m, k) for m, k in zip(sel["model"], sel["metric"])})
+    order = kv_order(sel)
+    fig, axes = _panel_grid(len(panels), min(len(panels), 2), (5.0, 3.6))
+    for ax, (model, metric) in zip(axes.flat, panels):
+        sub = sel[(sel["model"] == model) & (sel["metric"] == metric)]
+        for kv in order:
+            by_len = sub[sub["kv"] == kv].groupby("context_len")["value"].agg(["mean", "count", "std", "sum"]).sort_index()
+            if by_len.empty:
+                continue
+            x, mean, n = by_len.index.to_numpy(float), by_len["mean"].to_numpy(float), by_len["count"].to_numpy(float)
+            values = sub[sub["kv"] == kv]["value"]
+            if values.isin([0.0, 1.0]).all():
+                low, high = _wilson(by_len["sum"].to_numpy(float), n)
+            else:
+                half = Z95 * by_len["std"].fillna(0.0).to_numpy(float) / np.sqrt(n)
+                low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+            line, = ax.plot(x, mean, "o-", label=f"{kv} (n={int(n.min())}/length)")
+            ax.fill_between(x, low, high, alpha=0.12, color=line.get_color())
+        lengths = sorted(sub["context_len"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{int(L)}" for L in lengths])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(metrics[metric])
+        ax.set_title(f"{model}: {metrics[metric]}", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Long-context accuracy by context length (95% CI)")
     return fig

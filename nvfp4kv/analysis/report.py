@@ -7,6 +7,7 @@ runner (``nvfp4kv.eval.sweep``) calls it when a run (or shard) ends, also after 
     <run_dir>/table.md                   value ± stderr, Δ vs the baseline, paired Δ [95% CI], McNemar p
     <run_dir>/plots/accuracy.png         task accuracies per KV format, 95% error bars
     <run_dir>/plots/retrieval_heatmaps.png   retrieval over context length x depth (runs with a grid)
+    <run_dir>/plots/by_length.png        pass-key / RULER accuracy vs context length (long-context runs)
     <run_dir>/plots/fidelity_layers.png  per-layer, per-head K/V SQNR (runs with the fidelity task)
 
 It goes the same way as every other view: records -> :mod:`.load` (frames) -> :mod:`.compare`
@@ -27,10 +28,12 @@ from matplotlib.figure import Figure
 from nvfp4kv.analysis.compare import compare
 from nvfp4kv.analysis.load import grid_frame, per_layer_frame, run_cells, samples_frame, tidy_frame
 from nvfp4kv.analysis.plots import (
+    LENGTH_METRICS,
     plot_accuracy,
     plot_delta_vs_bits,
     plot_layer_sqnr,
     plot_retrieval_heatmaps,
+    plot_score_by_length,
     save_figure,
 )
 from nvfp4kv.analysis.select import accuracy_rows, is_rate, kv_order, primary_rows
@@ -40,18 +43,25 @@ from nvfp4kv.results import atomic_write_text
 CSV_COLUMNS = ["run_id", "model", "task", "metric", "kv", "engine", "k_format", "v_format", "policy",
                "bits_per_element", "value", "stderr", "n"]
 #: the standard figures, by name (see :func:`figures`)
-FIGURES = ("accuracy", "delta_vs_bits", "retrieval", "layers")
+FIGURES = ("accuracy", "delta_vs_bits", "retrieval", "by_length", "layers")
 #: figure name -> file name under ``<run_dir>/plots/`` (the report draws no Δ-vs-bits figure)
-REPORT_PLOTS = {"accuracy": "accuracy.png", "retrieval": "retrieval_heatmaps.png", "layers": "fidelity_layers.png"}
+REPORT_PLOTS = {"accuracy": "accuracy.png", "retrieval": "retrieval_heatmaps.png", "by_length": "by_length.png",
+                "layers": "fidelity_layers.png"}
 
 
 # ---------------------------------------------------------------------------- figures
+def _has_lengths(cell: Mapping[str, Any]) -> bool:
+    """A pass-key or RULER cell: its metrics are per context length (``acc@4096``, ``score@8192``)."""
+    return any("@" in str(name) for name in (cell.get("metrics") or {}))
+
+
 def figures(cells: Iterable[Mapping[str, Any]], names: Iterable[str] = FIGURES, *, baseline: str = "bf16",
             n_boot: int = 2000, all_metrics: bool = False) -> dict[str, Figure]:
     """The standard figures of ``cells`` (from :func:`~nvfp4kv.analysis.load.load_cells`), by name.
 
     ``accuracy``: :func:`plot_accuracy`; ``delta_vs_bits``: :func:`plot_delta_vs_bits` with paired
-    CIs; ``retrieval``: :func:`plot_retrieval_heatmaps`; ``layers``: :func:`plot_layer_sqnr`. A figure
+    CIs; ``retrieval``: :func:`plot_retrieval_heatmaps`; ``by_length``: :func:`plot_score_by_length`;
+    ``layers``: :func:`plot_layer_sqnr`. A figure
     whose data the cells lack (no accuracy metric, no baseline, no grid, no finite per-layer SQNR) is
     left out of the result. ``all_metrics``: every accuracy metric of a task, not only its primary one.
     """
@@ -71,6 +81,11 @@ def figures(cells: Iterable[Mapping[str, Any]], names: Iterable[str] = FIGURES, 
         grid = grid_frame(cells)
         if not grid.empty:
             drawn["retrieval"] = plot_retrieval_heatmaps(grid)
+    if "by_length" in names:
+        long_context = samples_frame([c for c in cells if _has_lengths(c)])
+        if not long_context.empty and "context_len" in long_context and (
+                long_context["metric"].isin(LENGTH_METRICS) & long_context["context_len"].notna()).any():
+            drawn["by_length"] = plot_score_by_length(long_context)
     if "layers" in names:
         per_layer = per_layer_frame(cells)
         if per_layer["sqnr_db"].notna().any():

@@ -52,17 +52,38 @@ def _verdict(base_acc: float, base_n: int, chance: float | None, half_width: flo
     return "ok"
 
 
-def study_table(samples: pd.DataFrame, *, metric: str, baseline: str = "bf16", chance: Mapping[str, float] | None = None,
-                bits: Mapping[str, float] | None = None, max_half_width: float = 0.05, n_boot: int = 4000,
-                seed: int = 0) -> pd.DataFrame:
-    """One row per (model, task, kv) for ``metric`` (0/1 per sample): see the module docstring.
+#: a task's headline per-sample metric, first present wins (lm-eval's MMLU and GSM8K keys, pass-key, RULER)
+HEADLINE_METRICS = ("acc,none", "exact_match,flexible-extract", "acc", "score")
+
+
+def headline_metrics(samples: pd.DataFrame, preference: Sequence[str] = HEADLINE_METRICS) -> dict[str, str]:
+    """task -> the first metric of ``preference`` its samples carry (tasks with none are left out)."""
+    out: dict[str, str] = {}
+    for task, group in samples.groupby("task", sort=True):
+        present = set(group["metric"].unique())
+        chosen = next((m for m in preference if m in present), None)
+        if chosen is not None:
+            out[str(task)] = chosen
+    return out
+
+
+def study_table(samples: pd.DataFrame, *, metric: str | Mapping[str, str], baseline: str = "bf16",
+                chance: Mapping[str, float] | None = None, bits: Mapping[str, float] | None = None,
+                max_half_width: float = 0.05, n_boot: int = 4000, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, task, kv) for ``metric`` (one name, or task -> name: each task's own
+    headline metric, see :func:`headline_metrics`), per sample 0/1 or a fraction (RULER's partial
+    scores; flips then count samples scored lower / higher): see the module docstring.
 
     ``chance``: task -> chance accuracy (MMLU 0.25); ``bits``: kv -> bits per element (display).
     ``lost``/``gained``: questions the baseline got right and this format wrong, and the reverse.
     """
     rows: list[dict[str, Any]] = []
-    sel = samples[samples["metric"] == metric]
+    per_task = {} if isinstance(metric, str) else dict(metric)
+    keep = (samples["metric"] == metric) if isinstance(metric, str) else (
+        samples["metric"] == samples["task"].map(per_task))
+    sel = samples[keep]
     for (model, task), group in sel.groupby(["model", "task"], sort=True):
+        task_metric = per_task.get(task, metric) if per_task else metric
         base = group[group["kv"] == baseline]
         base_records = _records(base)
         base_acc = float(base["value"].mean()) if len(base) else math.nan
@@ -71,7 +92,7 @@ def study_table(samples: pd.DataFrame, *, metric: str, baseline: str = "bf16", c
         for kv, kv_group in group.groupby("kv", sort=False):
             acc = float(kv_group["value"].mean())
             n = int(len(kv_group))
-            row: dict[str, Any] = {"model": model, "task": task, "metric": metric, "kv": kv,
+            row: dict[str, Any] = {"model": model, "task": task, "metric": task_metric, "kv": kv,
                                    "bits_per_element": (bits or {}).get(kv, math.nan), "n": n, "accuracy": acc,
                                    "acc_ci95": Z95 * math.sqrt(max(acc * (1 - acc), 0.0) / n) if n else math.nan}
             if kv == baseline or not base_records:
@@ -80,7 +101,8 @@ def study_table(samples: pd.DataFrame, *, metric: str, baseline: str = "bf16", c
             else:
                 paired = stats.paired_deltas(base_records, _records(kv_group), "m", n_boot=n_boot, seed=seed)
                 _, a, b = stats.match_samples(base_records, _records(kv_group), "m")
-                lost, gained = stats.discordant_counts(a, b)
+                lost, gained = (stats.discordant_counts(a, b) if stats.is_binary(a) and stats.is_binary(b)
+                                else (int(np.sum(a > b)), int(np.sum(b > a))))
                 row.update(delta=paired["delta"], ci_low=paired["ci_low"], ci_high=paired["ci_high"], lost=lost,
                            gained=gained, p_mcnemar=paired["p_mcnemar"] if paired["p_mcnemar"] is not None else math.nan)
                 if paired["n"] != len(base_records) or paired["n"] != n:
