@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from nvfp4kv import analysis as A
-from nvfp4kv.analysis.study import fidelity_summary, headline_metrics, pool_tasks, study_markdown, study_table
+from nvfp4kv import results as records
+from nvfp4kv.analysis.study import answer_fidelity, fidelity_summary, headline_metrics, pool_tasks, study_markdown, study_table
 
 #: chance accuracy of the pooled tasks a study uses (a flag, not a correction)
 CHANCE = {"mmlu": 0.25}
@@ -31,6 +32,34 @@ def auto_pools(tasks: list[str]) -> dict[str, list[str]]:
         if m:
             pools[m.group(1)].append(task)
     return {name: sorted(parts) for name, parts in pools.items() if len(parts) > 1}
+
+
+def answer_fidelity_table(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> pd.DataFrame:
+    """Per pooled multiple-choice task and KV setting: the answer distribution's drift from the
+    baseline on the same questions (:func:`nvfp4kv.analysis.study.answer_fidelity`)."""
+    pooled_name = {part: name for name, parts in pools.items() for part in parts}
+    by_task: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for cell in A.load_cells(run_dirs):
+        task = pooled_name.get(cell["task"], cell["task"])
+        by_task[(cell["model"], task)][cell["kv"]].extend(records.read_samples(cell["_run_dir"], cell["cell_id"]))
+    frames = [answer_fidelity(kvs, baseline=baseline).assign(model=model, task=task)
+              for (model, task), kvs in sorted(by_task.items())]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def answer_fidelity_markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no multiple-choice task with a baseline)"
+    view = pd.DataFrame({
+        "task": frame["task"], "KV": frame["kv"], "n": frame["n"],
+        "KL(bf16‖kv) over the answers, nats [95% CI]": [f"{m:.4f} [{lo:.4f}, {hi:.4f}]" for m, lo, hi in
+                                                      zip(frame["kl_mean"], frame["kl_ci_low"], frame["kl_ci_high"])],
+        "KL p95": frame["kl_p95"].map(lambda x: f"{x:.4f}"),
+        "same answer %": frame["top1_agree"].map(lambda x: f"{100 * x:.1f}"),
+        "Δ log p(gold)": frame["gold_logp_delta"].map(lambda x: f"{x:+.4f}"),
+    })
+    return view.to_markdown(index=False)
 
 
 def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = "auto") -> dict[str, Path]:
@@ -50,6 +79,12 @@ def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = 
     paths["md"].write_text(study_markdown(table, baseline) + "\n")
     fid = fidelity_summary(tidy, baseline=baseline)
     paths["fidelity"].write_text((fid.to_markdown(index=False) if not fid.empty else "(no fidelity cells)") + "\n")
+    paths["answer_fidelity"] = out / "answer_fidelity.md"
+    answers = answer_fidelity_table(run_dirs, pools, baseline)
+    if not answers.empty:  # the study table's row order (most bits first)
+        rank = {kv: i for i, kv in enumerate(dict.fromkeys(table["kv"]))}
+        answers = answers.sort_values(["task", "kv"], key=lambda col: col.map(rank) if col.name == "kv" else col)
+    paths["answer_fidelity"].write_text(answer_fidelity_markdown(answers) + "\n")
     cmp_like = table.assign(value=table["accuracy"], run_id="study", stderr=table["acc_ci95"] / 1.96)
     A.save_figure(A.plot_delta_vs_bits(cmp_like, baseline=baseline), paths["figure"])
     return paths

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from experiments.study_report import auto_pools, build
-from nvfp4kv.analysis.study import headline_metrics, pool_tasks, study_table
+from nvfp4kv.analysis.study import answer_fidelity, headline_metrics, pool_tasks, study_table
 
 REPO = Path(__file__).resolve().parents[1]
 SMOL_SCALES = REPO / "results/scales/smollm2-135m-instruct/gsm8k-n96-L1024-s1234.json"
@@ -69,6 +69,23 @@ def test_each_task_is_scored_by_its_own_headline_metric_and_partial_scores_count
     ruler = table.loc[("ruler_4k", "nvfp4")]
     assert ruler["delta"] == pytest.approx(0.0) and (ruler["lost"], ruler["gained"]) == (1, 1)
     assert pd.isna(ruler["p_mcnemar"])  # McNemar needs 0/1 outcomes
+
+
+def test_answer_fidelity_is_the_kl_between_the_renormalized_choice_distributions():
+    import math
+
+    def rec(doc, logps, gold):
+        return {"doc_id": doc, "subtask": "s", "target": gold, "filtered": {"none": [[x, False] for x in logps]}}
+
+    base = [rec(0, [math.log(0.5), math.log(0.5)], 0), rec(1, [math.log(0.9), math.log(0.1)], 0)]
+    # unnormalized log-likelihoods: only their differences matter
+    kv = [rec(0, [math.log(0.25) - 3, math.log(0.75) - 3], 0), rec(1, [math.log(0.9) + 1, math.log(0.1) + 1], 0)]
+    table = answer_fidelity({"bf16": base, "nvfp4": kv}, n_boot=100).set_index("kv")
+    kl0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert table.loc["nvfp4", "n"] == 2
+    assert table.loc["nvfp4", "kl_mean"] == pytest.approx(kl0 / 2)
+    assert table.loc["nvfp4", "top1_agree"] == pytest.approx(0.5)  # a 0.5/0.5 tie picks choice 0; 0.25/0.75 picks 1
+    assert table.loc["nvfp4", "gold_logp_delta"] == pytest.approx((math.log(0.25) - math.log(0.5)) / 2)
 
 
 def test_study_sweep_composes_and_runs_on_a_tiny_slice(tmp_path):

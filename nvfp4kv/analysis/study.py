@@ -160,3 +160,52 @@ def fidelity_summary(tidy: pd.DataFrame, metrics: Sequence[str] = ("kl_mean", "t
         cells.setdefault(r["kv"], {})[r["metric"]] = (f"{r['value']:.4g}" + (f" ± {Z95 * se:.2g}" if math.isfinite(se) else ""))
     order = [baseline, *[k for k in cells if k != baseline]]
     return pd.DataFrame([{"KV": kv, **cells[kv]} for kv in order if kv in cells])
+
+
+def answer_fidelity(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str = "bf16",
+                    n_boot: int = 4000, seed: int = 0) -> pd.DataFrame:
+    """Fidelity on the task's own prompts: per KV setting, how far its distribution over a multiple-choice
+    question's answers moves from the baseline's, question by question.
+
+    ``samples_by_kv``: kv -> per-sample records (``nvfp4kv.results.read_samples``) of one pooled task;
+    each record's choice log-likelihoods (:func:`nvfp4kv.analysis.gate.choice_logprobs`) are
+    renormalized over the choices, ``p`` for the baseline and ``q`` for the setting. Columns: ``kl_mean``
+    (mean KL(p || q) in nats, with a bootstrap 95% interval), ``kl_p95``, ``top1_agree`` (the same
+    answer chosen: accuracy flips are the subset where one of them is right) and ``gold_logp_delta``
+    (mean change of log q(gold) against log p(gold)). Costs nothing: the records hold the numbers.
+    Why beside accuracy: 0/1 accuracy on a few hundred questions moves only when a flip happens;
+    the distribution moves on every question.
+    """
+    from nvfp4kv.analysis.gate import choice_logprobs
+
+    def table(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[np.ndarray, int | None]]:
+        out = {}
+        for r in records:
+            logps = choice_logprobs(r)
+            if logps:
+                logps = np.asarray(logps, dtype=np.float64)
+                gold = r.get("target")
+                out[(str(r.get("subtask", r.get("task"))), str(r["doc_id"]))] = (
+                    logps - np.logaddexp.reduce(logps), int(gold) if isinstance(gold, (int, float)) else None)
+        return out
+
+    base = table(samples_by_kv.get(baseline, []))
+    rows: list[dict[str, Any]] = []
+    rng = np.random.default_rng(seed)
+    for kv, records in samples_by_kv.items():
+        if kv == baseline:
+            continue
+        other = table(records)
+        keys = [k for k in base if k in other]
+        if not keys:
+            continue
+        kl = np.array([float(np.sum(np.exp(base[k][0]) * (base[k][0] - other[k][0]))) for k in keys])
+        agree = np.array([float(np.argmax(base[k][0]) == np.argmax(other[k][0])) for k in keys])
+        gold = np.array([other[k][0][base[k][1]] - base[k][0][base[k][1]] for k in keys if base[k][1] is not None])
+        boot = kl[rng.integers(0, kl.size, size=(n_boot, kl.size))].mean(axis=1)
+        rows.append({"kv": kv, "n": len(keys), "kl_mean": float(kl.mean()),
+                     "kl_ci_low": float(np.quantile(boot, 0.025)), "kl_ci_high": float(np.quantile(boot, 0.975)),
+                     "kl_p95": float(np.quantile(kl, 0.95)), "top1_agree": float(agree.mean()),
+                     "gold_logp_delta": float(gold.mean()) if gold.size else math.nan})
+    return pd.DataFrame(rows, columns=["kv", "n", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_p95", "top1_agree",
+                                       "gold_logp_delta"])
