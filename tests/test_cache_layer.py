@@ -466,3 +466,76 @@ def test_reserved_capacity_of_growth_buffers_is_reported_not_hidden():
     assert stream.reserved_nbytes() == allocated - used
     assert stream.reserved_nbytes() > 0  # 16 prompt tokens, then one-token appends: capacity was doubled
     assert cache.reserved_nbytes() == sum(row["reserved_bytes"] for row in cache.memory_report()) > 0
+
+
+PAIR_CASES = [
+    dict(fmt="nvfp4"),
+    dict(fmt="nvfp4", dequant_cache=True),
+    dict(fmt="nvfp4", dequant_cache=True, sink_tokens=3),
+    dict(fmt="nvfp4", dequant_cache=True, sink_tokens=3, residual_length=4),  # never paired: a window
+    dict(fmt="nvfp4", scale_policy="unit"),
+    dict(fmt="nvfp4", dequant_cache=True, scale_policy="dynamic"),  # never paired: per-write scales
+    dict(fmt="fp8_e4m3"),
+    dict(fmt="fp8_e4m3", dequant_cache=True, k_options={"scaling": "head"}, v_options={"scaling": "head"}),
+    dict(fmt="fp8_e4m3", dequant_cache=True, k_options={"scaling": "token"}, v_options={"scaling": "token"}),
+    dict(fmt="mxfp4", dequant_cache=True, read_mode="quantized"),
+    dict(fmt="fp4_mx_block16"),
+    dict(fmt="bf16", dequant_cache=True),
+    dict(fmt="nvfp4", v_fmt="fp8_e4m3", dequant_cache=True),  # different formats: never paired
+    dict(fmt="int4", dequant_cache=True, residual_length=2),  # not rowwise: never paired
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("padded", [False, True])
+def test_paired_k_v_encoding_stores_and_reads_the_same_bits(case: dict, padded: bool, monkeypatch) -> None:
+    """Decode steps encode K and V as one stacked tensor (stream.append_pair) where the format is
+    rowwise; the parts, scales, fast-path copies and every read are bit-identical to encoding
+    each stream on its own (append_pair disabled)."""
+    import nvfp4kv.cache.layer as layer_mod
+
+    case = dict(case)
+    fmt, v_fmt = case.pop("fmt"), case.pop("v_fmt", None)
+    k, v = kv(30, seed=13)
+    caches, reads, paired = [], [], []
+    for allow in (True, False):
+        real_pair = layer_mod.append_pair
+        calls = []
+
+        def spy(*args, _real=real_pair, _calls=calls, _allow=allow):
+            done = _allow and _real(*args)
+            _calls.append(done)
+            return done
+
+        monkeypatch.setattr(layer_mod, "append_pair", spy)
+        cache = cache_for(fmt, v_fmt, **case)
+        if padded:
+            cache.set_padding([3, 0])
+        out = [cache.update(k[:, :, :9], v[:, :, :9], 0)]
+        for i in range(9, 30):
+            out.append(cache.update(k[:, :, i : i + 1], v[:, :, i : i + 1], 0))
+        caches.append(cache)
+        reads.append(out)
+        paired.append(any(calls))
+    assert not paired[1]
+    expect_paired = (case.get("scale_policy") != "dynamic" and v_fmt is None and fmt != "int4"
+                     and not case.get("residual_length") and not (padded and case.get("sink_tokens")))
+    assert paired[0] == expect_paired
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731 (bit-level: -0.0, NaN payloads)
+    for a, b in zip(reads[0], reads[1]):
+        for ta, tb in zip(a, b):
+            assert torch.equal(bits(ta), bits(tb))
+    la, lb = layer0(caches[0]), layer0(caches[1])
+    for sa, sb in ((la.k_stream, lb.k_stream), (la.v_stream, lb.v_stream)):
+        assert sa.n_tokens == sb.n_tokens and sa.n_packed == sb.n_packed
+        if sa.row_by_row:
+            continue
+        assert (sa.parts is None) == (sb.parts is None)
+        for name in sa.parts or {}:
+            assert torch.equal(sa.parts[name], sb.parts[name])
+        for attr in ("dequantized", "sink", "pending", "scale", "scale_record"):
+            ta, tb = getattr(sa, attr), getattr(sb, attr)
+            assert (ta is None) == (tb is None), attr
+            if ta is not None:
+                assert torch.equal(bits(ta), bits(tb)), attr
+        assert sa.nbytes() == sb.nbytes()

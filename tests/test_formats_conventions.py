@@ -53,3 +53,24 @@ def test_unknown_convention_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="flashinfer_encode") as info:
         to_decode_scale(1.0, "vllm")
     assert "'vllm'" in str(info.value)
+
+
+def test_has_nonfinite_equals_isfinite_all_everywhere() -> None:
+    """The sum(x * 0) test finds a NaN/Inf wherever it sits, in every float dtype, and never
+    reports finite data (huge values and signed zeros included)."""
+    from nvfp4kv.formats.numerics import has_nonfinite
+
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        finfo = torch.finfo(dtype)
+        base = torch.randn(2, 3, 37, 16, generator=g).to(dtype)
+        base[0, 0, 0, :4] = torch.tensor([finfo.max, -finfo.max, -0.0, finfo.tiny], dtype=dtype)
+        assert not has_nonfinite(base)
+        assert not has_nonfinite(base[:, :, :0])
+        flat = base.reshape(-1)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            for pos in list(range(0, 70)) + torch.randint(0, flat.numel(), (40,), generator=g).tolist():
+                x = flat.clone()
+                x[pos] = bad
+                assert has_nonfinite(x.reshape(base.shape)) == (not bool(torch.isfinite(x).all())) == True  # noqa: E712
+    assert not has_nonfinite(torch.arange(5))

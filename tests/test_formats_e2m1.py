@@ -124,3 +124,55 @@ def test_packed_decode_equals_unpack_then_decode_for_every_byte() -> None:
 
     packed = torch.arange(256, dtype=torch.uint8).reshape(4, 8, 8)
     assert torch.equal(decode_packed_e2m1(packed), decode_e2m1(unpack_nibbles(packed)))
+
+
+def _e2m1_edge_inputs() -> torch.Tensor:
+    """Every E2M1 threshold and grid point, +-3 FP32 ulp around each, both signs, signed zeros,
+    FP32 subnormals, NaN of both signs, +-Inf, and a dense sweep of [-8, 8]."""
+    from nvfp4kv.formats.e2m1 import E2M1_BOUNDS
+
+    centres = torch.tensor(E2M1_BOUNDS + E2M1_MAGNITUDES + (6.5, 1e30, 1e-45), dtype=torch.float32).view(torch.int32)
+    near = torch.cat([(centres + k).view(torch.float32) for k in range(-3, 4)])
+    near = near[near >= 0]
+    sweep = torch.linspace(0, 8, 400_001, dtype=torch.float32)
+    special = torch.tensor([0.0, float("inf"), 1e-40])
+    magnitudes = torch.cat([near, sweep, special])
+    nans = torch.tensor([0x7FC00000, -0x00400000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    return torch.cat([magnitudes, -magnitudes, nans])
+
+
+def test_fast_packed_encoder_equals_codes_then_pack_on_every_edge() -> None:
+    """rne_e2m1_packed (bucketize + pair table, the NVFP4 encoder's path) gives the bytes of
+    pack_nibbles(rne_e2m1_codes(y)) everywhere: ties, signs (-0.0 -> 0, tiny negatives -> 8),
+    saturation, NaN -> 0; each element paired with every kind of neighbour."""
+    from nvfp4kv.formats.e2m1 import rne_e2m1_packed
+
+    y = _e2m1_edge_inputs()
+    g = torch.Generator().manual_seed(4)
+    for order in (y, y.flip(0), y[torch.randperm(y.numel(), generator=g)]):
+        ys = order[: order.numel() // 2 * 2].reshape(-1, 2)
+        assert torch.equal(rne_e2m1_packed(ys), pack_nibbles(rne_e2m1_codes(ys)))
+
+
+def test_fast_packed_encoder_equals_codes_then_pack_on_random_bit_patterns() -> None:
+    from nvfp4kv.formats.e2m1 import rne_e2m1_packed
+
+    g = torch.Generator().manual_seed(12)
+    y = torch.randint(-(2**31), 2**31, (400_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    y = y.reshape(2, 5, -1, 16)
+    assert torch.equal(rne_e2m1_packed(y), pack_nibbles(rne_e2m1_codes(y)))
+    scaled = (torch.rand(2, 5, 100, 16, generator=g) * 16 - 8).float()
+    assert torch.equal(rne_e2m1_packed(scaled), pack_nibbles(rne_e2m1_codes(scaled)))
+
+
+def test_packed_decode_is_bit_exact_for_every_byte_in_any_layout() -> None:
+    """The 64-bit-word lookup gives the very bits of the per-nibble table (-0.0 included, which
+    torch.equal would not tell from +0.0), also for non-contiguous inputs."""
+    from nvfp4kv.formats.e2m1 import decode_packed_e2m1
+
+    every = torch.arange(256, dtype=torch.uint8)
+    bits = decode_packed_e2m1(every.reshape(16, 16)).view(torch.int32)
+    assert torch.equal(bits, decode_e2m1(unpack_nibbles(every.reshape(16, 16))).view(torch.int32))
+    strided = every.reshape(16, 16).t()[:, 1:9]
+    assert torch.equal(decode_packed_e2m1(strided).view(torch.int32),
+                       decode_e2m1(unpack_nibbles(strided)).view(torch.int32))

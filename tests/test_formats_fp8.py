@@ -101,3 +101,21 @@ def test_never_nan_and_relative_error_bound(seed: int, magnitude: float, scaling
         amax = x.abs().amax(dim=(0, 2, 3), keepdim=True)
     err = (x - out).abs()
     assert (err <= x.abs() * 2.0**-4 + amax / 448 * 2.0**-10 + 1e-30).all()
+
+
+def test_encoder_equals_the_plain_definition_for_every_scale_kind() -> None:
+    """quantize_fp8_e4m3 (one select instead of two) writes the bytes of the definition
+    ``where(s > 0, e4m3_bits(x / s), 0)`` with the integer E4M3 encoder, for zero, NaN, Inf,
+    per-token and per-head scales and NaN/Inf elements."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 50, 16, generator=g) * torch.exp2(torch.randint(-20, 20, (2, 3, 50, 1), generator=g).float())
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    x[0, 0, 1, :2] = torch.tensor([-0.0, 0.0])
+    token_scale = x.abs().amax(-1, keepdim=True) / 448
+    token_scale[0, 1, :5] = torch.tensor([0.0, float("nan"), float("inf"), -1.0, 1e-40]).reshape(5, 1)
+    for s in (1.0, 0.0, torch.tensor(0.01), torch.full((1, 1, 1, 1), float("nan")), torch.full((1, 1, 1, 1), float("inf")),
+              torch.rand(1, 3, 1, 1, generator=g), token_scale):
+        st_ = torch.as_tensor(s, dtype=torch.float32)
+        ones = torch.ones_like(st_)
+        expected = torch.where(st_ > 0, float_to_e4m3_bits(x / torch.where(st_ > 0, st_, ones)), torch.zeros((), dtype=torch.uint8))
+        assert torch.equal(quantize_fp8_e4m3(x, s), expected)

@@ -201,3 +201,60 @@ def test_per_block_error_bound_and_no_nan(
     if static_factor is None or static_factor >= 1.0:
         # scales cover the amax: only E4M3 rounding of the block scale can push |y| past 6
         assert (y.abs() <= 6 * (1 + 2.0**-4)).all()
+
+
+def _reference_agreement_inputs() -> list[torch.Tensor]:
+    """Blocks whose ratios and scaled elements fall on the E4M3 and E2M1 ties and thresholds,
+    blocks spread over 2^-40..2^40 (tiny blocks that underflow included), zero blocks, and
+    blocks holding NaN/Inf (what nonfinite="keep" lets through)."""
+    from nvfp4kv.formats.e2m1 import E2M1_BOUNDS, E2M1_MAGNITUDES
+
+    g = torch.Generator().manual_seed(21)
+    out = []
+    spread = torch.randn(3, 4, 64, 64, generator=g) * torch.exp2(
+        torch.randint(-40, 40, (3, 4, 64, 4), generator=g).float()).repeat_interleave(16, -1)
+    spread[0, 0, :4] = 0.0
+    spread[0, 1, 0, 5] = float("inf")
+    spread[0, 1, 1, 7] = float("nan")
+    spread[0, 1, 2, 9] = -float("inf")
+    spread[0, 2, 0, :16] = -0.0
+    out.append(spread)
+    # every E2M1 value, threshold and neighbour, at block scales that are themselves E4M3 ties
+    e2m1 = torch.tensor(E2M1_BOUNDS + E2M1_MAGNITUDES, dtype=torch.float32).view(torch.int32)
+    elems = torch.cat([(e2m1 + k).view(torch.float32) for k in (-1, 0, 1)])
+    elems = torch.cat([elems, -elems])
+    elems = elems[: elems.numel() // 15 * 15].reshape(-1, 15)
+    rows = torch.cat([elems, torch.full((elems.shape[0], 1), 6.0)], dim=1)  # amax 6: ratio = block scale
+    e4m3 = e4m3_bits_to_float(torch.arange(0, 127, dtype=torch.uint8))
+    mids = (e4m3[:-1] + e4m3[1:]) / 2  # E4M3 ties of the block scale
+    for s in torch.cat([e4m3[1:], mids, mids.view(torch.int32).add(1).view(torch.float32)]).tolist():
+        out.append((rows * s).reshape(1, 1, -1, 16))
+    return out
+
+
+@pytest.mark.parametrize("tiny_scale", ["zero", "modelopt"])
+def test_fast_encoder_equals_the_reference_definition(tiny_scale: str) -> None:
+    """quantize_nvfp4 (few ops: native float8 cast, bucketize, pair table) writes the same code
+    and scale bytes as quantize_nvfp4_reference (integer E4M3 rounding, threshold E2M1 rounding)
+    for every kind of global scale: per tensor, per head, per row, Python float, 0, Inf, NaN,
+    huge and tiny; and for FP16/BF16 inputs."""
+    from nvfp4kv.formats.nvfp4 import quantize_nvfp4_reference
+
+    g = torch.Generator().manual_seed(22)
+    scales = [1.0, torch.tensor(1.0), torch.tensor(0.003).reshape(1, 1, 1, 1),
+              torch.rand(1, 4, 1, 1, generator=g), torch.rand(3, 1, 1, 1, generator=g) * 1e-3,
+              torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), float("inf")), torch.full((1, 1, 1, 1), float("nan")),
+              torch.full((1, 1, 1, 1), 3e37), torch.full((1, 1, 1, 1), 1e-30), torch.full((1, 1, 1, 1), 2.0**-126)]
+    for x in _reference_agreement_inputs():
+        for gs in scales:
+            if isinstance(gs, torch.Tensor) and gs.dim() == 4 and x.shape[0] != gs.shape[0] != 1:
+                continue
+            if isinstance(gs, torch.Tensor) and gs.dim() == 4 and gs.shape[1] not in (1, x.shape[1]):
+                continue
+            fast, ref = quantize_nvfp4(x, gs, tiny_scale), quantize_nvfp4_reference(x, gs, tiny_scale)
+            assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1]), (x.shape, gs)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(2, 3, 40, 32, generator=g) * 7).to(dtype)
+        gs = nvfp4_global_scale(x)
+        fast, ref = quantize_nvfp4(x, gs, tiny_scale), quantize_nvfp4_reference(x, gs, tiny_scale)
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])

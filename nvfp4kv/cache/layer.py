@@ -43,9 +43,10 @@ from nvfp4kv.cache.checks import (
     raise_if_nonfinite,
 )
 from nvfp4kv.cache.first_batch import FrozenScales
-from nvfp4kv.cache.stream import PackedStream
+from nvfp4kv.cache.stream import PackedStream, append_pair
 from nvfp4kv.errors import BlockSizeError, KVStateError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
+from nvfp4kv.formats.numerics import has_nonfinite
 from nvfp4kv.kernels.backend import KernelBackend, TorchBackend
 from nvfp4kv.kernels.packed_operand import fused_reads_format
 from nvfp4kv.kernels.packed_view import PackedKVHandoff, PackedKVView, has_channel, make_standins, publish
@@ -189,7 +190,8 @@ class PackedKVLayer(DynamicLayer):
     def _apply_nonfinite(self, x: torch.Tensor, where: str, which: str, n_before: int) -> torch.Tensor:
         """The NaN/Inf policy on incoming K or V, before any path can read them (see checks.py)."""
         if self.nonfinite == "raise":
-            raise_if_nonfinite(x, where, which, n_before)
+            if has_nonfinite(x):  # one cheap reduction; the error's position only when needed
+                raise_if_nonfinite(x, where, which, n_before)
         elif self.nonfinite == "map":
             return map_nonfinite_write(x)
         return x
@@ -207,8 +209,9 @@ class PackedKVLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.k_stream.append(key_states)
-        self.v_stream.append(value_states)
+        if not append_pair(self.k_stream, self.v_stream, key_states, value_states):
+            self.k_stream.append(key_states)
+            self.v_stream.append(value_states)
         fused_reader, self._fused_reader = self._fused_reader, False
         # a decode step reads every token as stored; raw_fresh reads the new token raw instead
         reads_as_stored = key_states.shape[-2] == 1 and self.read_mode != "raw_fresh"

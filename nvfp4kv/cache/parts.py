@@ -60,8 +60,8 @@ def append_tokens(buffers: dict[str, torch.Tensor], key: str, old: torch.Tensor 
         buf = torch.empty(shape, dtype=old.dtype, device=old.device)
         buf[:, :, :n].copy_(old)
         buffers[key] = buf
-    buf[:, :, n : n + t].copy_(new)  # copy_ casts to the buffer's dtype
-    return buf[:, :, : n + t]
+    buf.narrow(2, n, t).copy_(new)  # copy_ casts to the buffer's dtype
+    return buf.narrow(2, 0, n + t)
 
 
 def append_parts(buffers: dict[str, torch.Tensor], old: Parts | None, new: Parts) -> Parts:

@@ -54,7 +54,7 @@ from nvfp4kv.cache.parts import append_parts, append_tokens, map_parts, parts_nb
 from nvfp4kv.errors import NVFP4KVError
 from nvfp4kv.formats.base import KVFormat, Parts
 from nvfp4kv.formats.numerics import finite_abs, saturating_cast
-from nvfp4kv.kernels.backend import KernelBackend
+from nvfp4kv.kernels.backend import KernelBackend, TorchBackend
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -211,6 +211,11 @@ class PackedStream:
             return
         if self.fmt.uses_global_scale and self.scale is None:
             self.scale = self._frozen_scale(x, self.n_tokens)
+        if self.pending is None and self._ready(x.shape[2]) == x.shape[2]:
+            # everything leaves the window at once (no residual window, whole groups: every
+            # decode step of the common case): pack x itself, no pending copy in between
+            self._pack(x)
+            return
         self.pending = _cat(self.pending, x)
         self._pack_ready()
 
@@ -307,10 +312,15 @@ class PackedStream:
             return frozen.to(x.device)
         return None
 
-    def _pack_ready(self) -> None:
+    def _ready(self, pending: int) -> int:
+        """How many of ``pending`` tokens waiting in full precision are packed now: those past
+        the residual window, in whole token groups."""
         group = self.fmt.token_group
-        ready = self.n_pending - self.residual_length
-        n = (ready // group) * group if ready > 0 else 0
+        ready = pending - self.residual_length
+        return (ready // group) * group if ready > 0 else 0
+
+    def _pack_ready(self) -> None:
+        n = self._ready(self.n_pending)
         if n == 0:
             return
         assert self.pending is not None
@@ -331,11 +341,28 @@ class PackedStream:
             new_parts = self.codec.quantize(self.fmt, chunk, scale)
         except NVFP4KVError as err:
             raise type(err)(f"{self.label}: {err}") from err
-        self.parts = append_parts(self._buffers, self.parts, new_parts)
-        self.n_packed += n
+        decoded = None
         if self.keep_dequantized:
             decoded = self.codec.dequantize(self.fmt, new_parts, read_scale, self.dtype or chunk.dtype)
+        self._commit(new_parts, decoded, n)
+
+    def _commit(self, new_parts: Parts, decoded: torch.Tensor | None, n: int) -> None:
+        """Append ``n`` freshly packed tokens (and, on the fast path, their decoded values)."""
+        self.parts = append_parts(self._buffers, self.parts, new_parts)
+        self.n_packed += n
+        if decoded is not None:
             self.dequantized = append_tokens(self._buffers, "dequantized", self.dequantized, decoded)
+
+    def _packs_whole(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`append` of ``x`` would pack all of it at once with a frozen scale (no
+        sink still filling, nothing pending, no residual window left to fill, whole groups, a
+        batched layout): the decode steps :func:`append_pair` may encode together."""
+        return (
+            self._rows is None and self.n_tokens > 0 and self.pending is None
+            and self.n_sink >= self.sink_tokens and self.dtype == x.dtype
+            and self._ready(x.shape[2]) == x.shape[2]
+            and (not self.fmt.uses_global_scale or (self.scale is not None and self.scale_policy != "dynamic"))
+        )
 
     def _computed_scale(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.fmt.global_scale(x)
@@ -348,9 +375,12 @@ class PackedStream:
     # ------------------------------------------------------------------ reading
     def read(self, dtype: torch.dtype, upto: int | None = None) -> torch.Tensor:
         """The stored tokens ``[0, upto)`` (all when ``None``), dequantized to ``dtype``."""
-        upto = self.n_tokens if upto is None else upto
         if self._rows is not None:
-            return self._read_rows(dtype, upto)
+            return self._read_rows(dtype, self.n_tokens if upto is None else upto)
+        if (upto is None and self.dequantized is not None and self.sink is None and self.pending is None
+                and self.dequantized.dtype == dtype):
+            return self.dequantized  # the fast path's whole store (a decode step's common read)
+        upto = self.n_tokens if upto is None else upto
         pieces = []
         s = min(upto, self.n_sink)
         if s:
@@ -504,3 +534,40 @@ class PackedStream:
             return sum(row.fastpath_nbytes() for row in self._rows)
         t = self.dequantized
         return 0 if t is None else t.numel() * t.element_size()
+
+
+def append_pair(k_stream: PackedStream, v_stream: PackedStream, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Store ``k`` in ``k_stream`` and ``v`` in ``v_stream`` with *one* encode (and one decode,
+    on the fast path) of both, stacked as ``[2, B, H, t, D]``; False (nothing done) when the pair
+    does not qualify, and the caller appends each on its own.
+
+    Same bytes as two :meth:`PackedStream.append` calls: it is used only for a
+    :attr:`~nvfp4kv.formats.base.KVFormat.rowwise` format (every row encoded on its own, the
+    global scales stacked alongside), the reference backend, and writes that both streams pack
+    whole with frozen scales (:meth:`PackedStream._packs_whole`: every decode step of the
+    common configuration). Halving the tensor ops of a one-token step is what it is for. If
+    the encode raises, nothing is stored and False is returned, so the separate appends raise
+    the error naming K or V.
+    """
+    ks, vs = k_stream, v_stream
+    fmt = ks.fmt
+    if not (type(fmt).rowwise and fmt == vs.fmt and type(ks.codec) is TorchBackend and vs.codec is ks.codec
+            and ks.keep_dequantized == vs.keep_dequantized and k.shape == v.shape and k.dtype == v.dtype
+            and ks._packs_whole(k) and vs._packs_whole(v)):
+        return False
+    scale = None
+    if fmt.uses_global_scale:
+        sk, sv = ks.scale, vs.scale
+        if sk.shape != sv.shape or sk.device != sv.device:  # type: ignore[union-attr]
+            return False
+        scale = torch.stack([sk, sv])  # type: ignore[list-item]
+    x = torch.stack([k, v])
+    try:
+        parts = ks.codec.quantize(fmt, x, scale)
+        decoded = ks.codec.dequantize(fmt, parts, scale, ks.dtype) if ks.keep_dequantized else None  # type: ignore[arg-type]
+    except NVFP4KVError:
+        return False
+    for i, stream in enumerate((ks, vs)):
+        stream._commit({name: part[i] for name, part in parts.items()},
+                       None if decoded is None else decoded[i], x.shape[3])
+    return True

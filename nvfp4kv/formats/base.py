@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 
 from nvfp4kv.errors import BlockSizeError, ConfigError, NonFiniteKVError, UnknownFormatError
+from nvfp4kv.formats.numerics import has_nonfinite
 
 NonFinitePolicy = Literal["raise", "map", "keep"]
 #: every accepted ``nonfinite`` value (``"error"`` is also accepted, as a deprecated alias)
@@ -138,6 +139,12 @@ class KVFormat(ABC):
     #: options a cache config applies for K (``"k"``) and V (``"v"``) before the user's own,
     #: e.g. KIVI's keys per channel and values per token
     default_options: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: :meth:`quantize` and :meth:`dequantize` treat every ``[..., D]`` row on its own (given the
+    #: global scale, which broadcasts from the left) and accept any number of leading dims, so
+    #: K and V of one write can be encoded as one stacked ``[2, B, H, T, D]`` tensor with the
+    #: same bytes (the cache's decode steps do, to halve their per-op overhead). False unless a
+    #: format says so; formats whose scales span tokens or heads (KIVI) must leave it False.
+    rowwise: ClassVar[bool] = False
 
     #: registry name, e.g. ``"nvfp4"``
     name: str = "base"
@@ -226,7 +233,7 @@ class KVFormat(ABC):
                 f"but head_dim is {d}. Use a format whose block divides {d} "
                 f"(e.g. 'fp8_e4m3'), or keep this layer in BF16 with skip_layers."
             )
-        if self.nonfinite == "raise" and not bool(torch.isfinite(x).all()):
+        if self.nonfinite == "raise" and has_nonfinite(x):
             raise NonFiniteKVError(
                 f"KV format {self.name!r} got NaN/Inf in its input; these formats cannot encode "
                 f"them. Fix the model's numerics, or pass nonfinite='map' to apply the "

@@ -17,6 +17,7 @@ Inf). Nothing changes for values in range, so a BF16 model still round-trips bit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -31,6 +32,7 @@ BF16_MAX = torch.finfo(torch.bfloat16).max
 class BF16Format(KVFormat):
     """Identity (BF16) K/V storage."""
 
+    rowwise: ClassVar[bool] = True  # every [..., D] row on its own (see KVFormat.rowwise)
     name: str = field(default="bf16", init=False)
 
     @property

@@ -42,6 +42,7 @@ Kernels (declared on the class): Triton quantize/dequantize and the fused decode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -120,6 +121,7 @@ class FP4MXBlock16Format(KVFormat):
         fused_decode="nvfp4kv.kernels.triton_mx:decode_operand_mx16",
     )
 
+    rowwise: ClassVar[bool] = True  # every [..., D] row on its own (see KVFormat.rowwise)
     name: str = field(default="fp4_mx_block16", init=False)
 
     @property

@@ -30,7 +30,7 @@ Kernels (declared on the class): Triton quantize/dequantize and the fused decode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -50,10 +50,10 @@ def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """E4M3 bytes (uint8, same shape as ``x``) of ``x / scale``, saturating; scale 0 -> code 0."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    nonzero = s > 0
-    scaled = x.float() / torch.where(nonzero, s, torch.ones_like(s))
-    codes = float_to_e4m3_bits_fast(scaled)
-    return torch.where(nonzero, codes, torch.zeros((), dtype=torch.uint8, device=x.device))
+    # where the scale is not positive every code is 0 (0.0 encodes as 0x00); the quotient
+    # computed there (Inf/NaN) is discarded
+    scaled = torch.where(s > 0, x.float() / s, 0.0)
+    return float_to_e4m3_bits_fast(scaled)
 
 
 def dequantize_fp8_e4m3(
@@ -74,6 +74,7 @@ class FP8E4M3Format(KVFormat):
         fused_decode="nvfp4kv.kernels.triton_fp8:decode_operand",
     )
 
+    rowwise: ClassVar[bool] = True  # every [..., D] row on its own (see KVFormat.rowwise)
     name: str = field(default="fp8_e4m3", init=False)
     #: ``"tensor"``, ``"head"`` or ``"token"`` (see module docstring)
     scaling: FP8Scaling = "tensor"

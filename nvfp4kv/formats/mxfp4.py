@@ -27,6 +27,7 @@ Kernels (declared on the class): Triton quantize/dequantize and the fused decode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -87,6 +88,7 @@ class MXFP4Format(KVFormat):
         fused_decode="nvfp4kv.kernels.triton_mx:decode_operand_mxfp4",
     )
 
+    rowwise: ClassVar[bool] = True  # every [..., D] row on its own (see KVFormat.rowwise)
     name: str = field(default="mxfp4", init=False)
 
     @property

@@ -37,8 +37,17 @@ def map_nonfinite(x: torch.Tensor, limit: torch.Tensor | float) -> torch.Tensor:
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds any NaN/Inf (one reduction; formats skip the mapping otherwise)."""
-    return not bool(torch.isfinite(x).all())
+    """Whether ``x`` holds any NaN/Inf (one reduction; formats skip the mapping otherwise).
+
+    ``sum(x * 0)``: every finite element gives a signed zero and the zeros sum to zero in any
+    order, while NaN and +-Inf give NaN (``Inf * 0``), which every addition propagates (IEEE
+    754), so the sum is nonzero exactly when a NaN/Inf is present. The same answer as
+    ``not isfinite(x).all()``, several times faster on CPU (``tests/test_formats_conventions.py``
+    checks both agree).
+    """
+    if not x.dtype.is_floating_point:
+        return False
+    return bool((x * 0).sum() != 0)
 
 
 def saturate_(x: torch.Tensor) -> torch.Tensor:

@@ -36,18 +36,18 @@ given in any convention of :mod:`nvfp4kv.formats.conventions`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
 from nvfp4kv.formats.conventions import NVFP4_RANGE, available_conventions, to_decode_scale
-from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_packed_e2m1, pack_nibbles, rne_e2m1_codes
+from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_packed_e2m1, pack_nibbles, rne_e2m1_codes, rne_e2m1_packed
 from nvfp4kv.formats.e4m3 import (
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
     e4m3_bits_to_float,
-    float_to_e4m3_bits,  # noqa: F401 (re-exported: the definition the fast path equals)
+    float_to_e4m3_bits,
     float_to_e4m3_bits_fast,
 )
 from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
@@ -81,14 +81,23 @@ def nvfp4_block_scale_bits(
     (not 0/0), so every block of an all-zero tensor gets scale 0.
     """
     gs6 = global_scale * E2M1_MAX
-    safe = torch.where(gs6 > 0, gs6, torch.ones_like(gs6))
-    ratio = torch.where(gs6 > 0, block_amax / safe, torch.zeros_like(block_amax))
+    positive = gs6 > 0
+    ratio = torch.where(positive, block_amax / torch.where(positive, gs6, 1.0), 0.0)
     if tiny_scale == "zero":
         return float_to_e4m3_bits_fast(torch.clamp(ratio, max=E4M3_MAX))
     if tiny_scale == "modelopt":
         bits = float_to_e4m3_bits_fast(torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX))
-        return torch.where(ratio == 0, torch.full_like(bits, _E4M3_BITS_ONE), bits)
+        return torch.where(ratio == 0, _E4M3_BITS_ONE, bits)
     raise ValueError(f"tiny_scale must be 'zero' or 'modelopt', got {tiny_scale!r}")
+
+
+def _e4m3_decode(bits: torch.Tensor) -> torch.Tensor:
+    """FP32 values of E4M3 bytes: torch's ``float8_e4m3fn`` view on CPU (the same value as the
+    table for every byte, NaN bytes giving NaN; ``tests/test_formats_e4m3.py``), the table
+    elsewhere."""
+    if bits.device.type == "cpu":
+        return bits.view(torch.float8_e4m3fn).float()
+    return e4m3_bits_to_float(bits)
 
 
 def quantize_nvfp4(
@@ -99,13 +108,44 @@ def quantize_nvfp4(
     Returns ``(codes, scales)``: packed E2M1 codes uint8 ``[..., D/2]`` (even element in the
     low nibble) and E4M3 block-scale bytes uint8 ``[..., D/16]``. ``global_scale`` is the FP32
     decode scale, broadcastable to ``[..., 1]``.
+
+    The same bytes as :func:`quantize_nvfp4_reference` (the definition, written with the
+    reference encoders) in fewer tensor operations: a decode step encodes one token per layer,
+    where the cost is the number of ops, not their size. ``tests/test_formats_nvfp4.py`` checks
+    the two agree on ties, boundaries, zeros, tiny and huge blocks, NaN/Inf and random data.
     """
+    xf = x.float()
+    blocks = xf.unflatten(-1, (-1, NVFP4_BLOCK))
+    gs = _scale_for_blocks(global_scale, xf)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    scale_bits = nvfp4_block_scale_bits(block_amax, gs, tiny_scale)
+    decode_scale = _e4m3_decode(scale_bits) * gs  # float(s) * gs, FP32
+    nonzero = decode_scale > 0
+    # where the scale is 0 (or NaN) the codes are 0: y = 0 encodes as code 0
+    scaled = torch.where(nonzero, blocks / decode_scale, 0.0)
+    return rne_e2m1_packed(scaled.flatten(-2)), scale_bits.squeeze(-1)
+
+
+def quantize_nvfp4_reference(
+    x: torch.Tensor, global_scale: torch.Tensor | float, tiny_scale: TinyScale = "zero"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_nvfp4` written with the reference encoders (integer E4M3 rounding,
+    threshold E2M1 rounding, table decode, nibble packing): the definition it must equal."""
     xf = x.float()
     blocks = xf.reshape(*xf.shape[:-1], xf.shape[-1] // NVFP4_BLOCK, NVFP4_BLOCK)
     gs = _scale_for_blocks(global_scale, xf)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale_bits = nvfp4_block_scale_bits(block_amax, gs, tiny_scale)
-    decode_scale = e4m3_bits_to_float(scale_bits) * gs  # float(s) * gs, FP32
+    gs6 = gs * E2M1_MAX
+    safe = torch.where(gs6 > 0, gs6, torch.ones_like(gs6))
+    ratio = torch.where(gs6 > 0, block_amax / safe, torch.zeros_like(block_amax))
+    if tiny_scale == "zero":
+        scale_bits = float_to_e4m3_bits(torch.clamp(ratio, max=E4M3_MAX))
+    elif tiny_scale == "modelopt":
+        bits = float_to_e4m3_bits(torch.clamp(ratio, min=E4M3_MIN_SUBNORMAL, max=E4M3_MAX))
+        scale_bits = torch.where(ratio == 0, torch.full_like(bits, _E4M3_BITS_ONE), bits)
+    else:
+        raise ValueError(f"tiny_scale must be 'zero' or 'modelopt', got {tiny_scale!r}")
+    decode_scale = e4m3_bits_to_float(scale_bits) * gs
     nonzero = decode_scale > 0
     scaled = blocks / torch.where(nonzero, decode_scale, torch.ones_like(decode_scale))
     codes = torch.where(nonzero, rne_e2m1_codes(scaled), torch.zeros((), dtype=torch.uint8))
@@ -137,6 +177,7 @@ class NVFP4Format(KVFormat):
         fused_decode="nvfp4kv.kernels.triton_nvfp4:decode_operand",
     )
 
+    rowwise: ClassVar[bool] = True  # every [..., D] row on its own (see KVFormat.rowwise)
     name: str = field(default="nvfp4", init=False)
     #: ``"zero"`` (serving kernels) or ``"modelopt"`` (clamp scales up to 2^-9), see module
     tiny_scale: TinyScale = "zero"
