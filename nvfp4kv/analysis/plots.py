@@ -309,8 +309,10 @@ def plot_score_by_length(samples: pd.DataFrame, metrics: Mapping[str, str] | Non
             else:
                 half = Z95 * by_len["std"].fillna(0.0).to_numpy(float) / np.sqrt(n)
                 low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
-            line, = ax.plot(x, mean, "o-", label=f"{kv} (n={int(n.min())}/length)")
-            ax.fill_between(x, low, high, alpha=0.12, color=line.get_color())
+            # formats side by side at each length (a small multiplicative offset on the log axis)
+            shift = 2 ** (0.025 * (order.index(kv) - (len(order) - 1) / 2))
+            ax.errorbar(x * shift, mean, yerr=[mean - low, high - mean], fmt="o-", capsize=3,
+                        label=f"{kv} (n={int(n.min())}/length)")
         lengths = sorted(sub["context_len"].unique())
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{int(L)}" for L in lengths])
