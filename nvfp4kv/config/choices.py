@@ -32,6 +32,7 @@ ReadMode = Literal["serving", "quantized", "raw_fresh"]
 Backend = Literal["torch", "triton", "flashinfer", "auto"]
 NonFinite = Literal["raise", "map", "keep"]
 LoglikelihoodMode = Literal["decode_faithful", "all_quantized", "raw_prefill"]
+LmEvalSampling = Literal["first", "seeded"]
 
 #: ``KVCacheConfig.scale_policy``: where the global scale of NVFP4/FP8 comes from
 SCALE_POLICIES: tuple[str, ...] = get_args(ScalePolicy)
@@ -45,6 +46,9 @@ NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinite)
 NONFINITE_ALIASES: dict[str, str] = {"error": "raise"}
 #: how multiple-choice tasks read the KV cache (``nvfp4kv.eval.lm`` explains each)
 LOGLIKELIHOOD_MODES: tuple[str, ...] = get_args(LoglikelihoodMode)
+#: ``sampling`` of an lm_eval task: which documents ``limit`` takes from each (sub)task: the first N
+#: (lm-eval's own limit) or a sorted random draw of N seeded by (the run's seed, the subtask's name)
+LM_EVAL_SAMPLINGS: tuple[str, ...] = get_args(LmEvalSampling)
 #: ``model.dtype`` spellings ``nvfp4kv.models.resolve_dtype`` maps to a torch dtype
 MODEL_DTYPES: tuple[str, ...] = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 #: the KV formats nvfp4kv.formats registers (sorted, as ``available_formats()`` returns them)
@@ -106,4 +110,5 @@ BackendChoice = _choice("BackendChoice", BACKENDS)
 #: the deprecated alias stays accepted (KVCacheConfig warns and maps it)
 NonFiniteChoice = _choice("NonFiniteChoice", NONFINITE_POLICIES + tuple(NONFINITE_ALIASES))
 LoglikelihoodModeChoice = _choice("LoglikelihoodModeChoice", LOGLIKELIHOOD_MODES)
+LmEvalSamplingChoice = _choice("LmEvalSamplingChoice", LM_EVAL_SAMPLINGS)
 ModelDtypeChoice = _choice("ModelDtypeChoice", MODEL_DTYPES)

@@ -30,6 +30,7 @@ from omegaconf import MISSING
 
 from nvfp4kv.config.choices import (
     BackendChoice,
+    LmEvalSamplingChoice,
     LoglikelihoodModeChoice,
     ModelDtypeChoice,
     NonFiniteChoice,
@@ -118,6 +119,9 @@ class LmEvalTaskSchema:
     fewshot_as_multiturn: bool = MISSING
     system_instruction: Optional[str] = MISSING
     batch_size: int = MISSING
+    # first (lm-eval's limit: the first N documents of each (sub)task; the family default) | seeded (a
+    # sorted draw of min(N, docs) per (sub)task, seeded by the run's seed and the subtask's name)
+    sampling: Optional[LmEvalSamplingChoice] = MISSING  # type: ignore[valid-type]
     limit: Optional[int] = MISSING
     module: Optional[str] = MISSING
 
@@ -216,7 +220,8 @@ class RunConfig:
     # Local benchmark data (gsm8k/*.jsonl, mmlu/{dev,test}/*.csv); null reads the HuggingFace hub.
     # Default: $NVFP4KV_DATA_DIR, else a shared/data directory beside the checkout, else null (the hub).
     data_dir: Optional[str] = "${nvfp4kv.default_data_dir:}"
-    # Documents per task (null = all); a task's own `limit:` wins. Same first-N docs for every KV config.
+    # Documents per task (null = all); a task's own `limit:` wins. Same docs for every KV config: the first N,
+    # or (an lm_eval task with `sampling: seeded`) a draw of N per (sub)task seeded by `seed`.
     limit: Optional[int] = None
     seed: int = 1234
     # How multiple-choice (loglikelihood) tasks read the KV cache (nvfp4kv/eval/lm.py explains each;

@@ -9,7 +9,7 @@ from typing import Any
 
 from nvfp4kv.config.schema import task_family_keys
 from nvfp4kv.errors import ConfigError
-from nvfp4kv.eval.task_checks import check_num_fewshot
+from nvfp4kv.eval.task_checks import check_num_fewshot, check_sampling
 
 #: task_cfg keys this runner reads (others, like ``kind``/``name``, belong to the runner): the fields of
 #: the ``lm_eval`` schema (nvfp4kv/config/schema.py, LmEvalTaskSchema), the one list of them
@@ -50,6 +50,8 @@ class LmEvalTaskConfig:
     fewshot_as_multiturn: bool = False
     system_instruction: str | None = None
     batch_size: int = 1
+    #: which documents ``limit`` takes per (sub)task: ``first`` N (lm-eval's limit) or a ``seeded`` draw
+    sampling: str = "first"
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> LmEvalTaskConfig:
@@ -84,4 +86,5 @@ class LmEvalTaskConfig:
             fewshot_as_multiturn=bool(cfg.get("fewshot_as_multiturn", False)),
             system_instruction=cfg.get("system_instruction"),
             batch_size=int(cfg.get("batch_size", 1)),
+            sampling=check_sampling(cfg.get("sampling")),
         )

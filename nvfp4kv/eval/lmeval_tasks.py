@@ -16,15 +16,28 @@ lm-eval defines them; ``metadata`` from the task config goes to the TaskManager 
 source and files, few-shot pool, and ``limit`` against the embedded sample), so a sweep can run it
 before loading anything; :func:`prepare_task` is memoized, so the run repeats it for free.
 
-Sample selection: lm-eval's ``limit=N`` takes the first N documents of each (sub)task in dataset
-order: deterministic, identical across KV formats (so samples pair up), and independent of the
-seed. ``seed`` seeds Python/NumPy/torch and lm-eval's few-shot sampler (GSM8K draws its 5 shots
-at random from train; MMLU takes the first dev rows).
+Sample selection (``sampling``): with ``first`` (the default), lm-eval's ``limit=N`` takes the
+first N documents of each (sub)task in dataset order: deterministic, identical across KV formats
+(so samples pair up), and independent of the seed. With ``seeded``, each leaf (sub)task draws
+``min(N, its documents)`` document indices with ``random.Random("<seed>:<leaf>")`` (sorted;
+:func:`seeded_indices`), handed to lm-eval as ``simple_evaluate(samples={leaf: indices},
+limit=None)``: stratified over MMLU's subjects, identical across KV formats, reproducible from the
+seed in any process. ``<leaf>`` is the subtask's name with this package's local-data infix
+dropped (``mmlu_local_anatomy`` draws as ``mmlu_anatomy``, ``gsm8k_local`` as ``gsm8k``;
+:func:`draw_name`), so the hub and a local copy draw the same documents. lm-eval records each
+sample's ``doc_id`` as the document's index in the (sub)task's full eval split (it enumerates the
+selected documents in dataset order and maps position ``i`` back to ``indices[i]``, which needs
+the indices sorted); the run checks that the recorded ``doc_id`` values are the drawn indices. Without a
+limit both modes evaluate every document. ``seed`` also seeds Python/NumPy/torch and lm-eval's
+few-shot sampler (GSM8K draws its 5 shots at random from train; MMLU takes the first dev rows).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+from collections.abc import Mapping
 from typing import Any
 
 from lm_eval.tasks import TaskManager
@@ -73,8 +86,55 @@ __all__ = [
     "builtin_task_config", "gsm8k_builtin_tasks", "gsm8k_local_yaml", "group_yaml", "hub_dataset_for",
     "is_mmlu_task", "mmlu_local_yaml", "mmlu_subject_descriptions", "needs_data_dir",
     "process_mmlu_local_docs", "task_yaml_root", "write_include_dir",
-    "run_lm_eval_task",
+    "run_lm_eval_task", "seeded_indices", "draw_name", "draw_samples", "samples_sha256", "leaf_doc_counts",
 ]
+
+# ---------------------------------------------------------------------------- seeded sampling
+def draw_name(leaf: str) -> str:
+    """The name a leaf task draws its documents under: lm-eval's name, without the ``_local`` this
+    package's generated local-data tasks add (``mmlu_local_<subject>`` -> ``mmlu_<subject>``,
+    ``<gsm8k task>_local`` -> ``<gsm8k task>``), so the hub and local routes draw alike."""
+    if leaf.startswith("mmlu_local_"):
+        return "mmlu_" + leaf[len("mmlu_local_"):]
+    if leaf.endswith("_local") and leaf[: -len("_local")] in gsm8k_builtin_tasks():
+        return leaf[: -len("_local")]
+    return leaf
+
+
+def seeded_indices(seed: int, leaf: str, n_docs: int, limit: int | None) -> list[int]:
+    """``min(limit, n_docs)`` distinct document indices of ``range(n_docs)``, sorted, drawn with
+    ``random.Random(f"{seed}:{draw_name(leaf)}")`` (a string seed is hashed with SHA-512: the same
+    draw in every process and on every platform); ``limit=None`` takes every document."""
+    if limit is None or limit >= n_docs:
+        return list(range(n_docs))
+    rng = random.Random(f"{seed}:{draw_name(leaf)}")
+    return sorted(rng.sample(range(n_docs), limit))
+
+
+def draw_samples(seed: int, n_docs: Mapping[str, int], limit: int | None) -> dict[str, list[int]]:
+    """:func:`seeded_indices` for every leaf task (``{leaf: number of eval documents}``)."""
+    return {leaf: seeded_indices(seed, leaf, n, limit) for leaf, n in n_docs.items()}
+
+
+def samples_sha256(samples: Mapping[str, list[int]]) -> str:
+    """SHA-256 of ``{draw_name(leaf): sorted indices}`` as canonical JSON: equal iff the same documents."""
+    canonical = {draw_name(leaf): sorted(int(i) for i in idx) for leaf, idx in samples.items()}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def leaf_doc_counts(tm: TaskManager, task_obj: Any) -> dict[str, int]:
+    """``{leaf task name: len(eval_docs)}``, keyed as ``simple_evaluate`` keys its ``samples``."""
+    return {name: len(task.eval_docs) for name, task in tm.load([task_obj])["tasks"].items()}
+
+
+def _check_drawn(output: dict[str, Any], samples: Mapping[str, list[int]]) -> None:
+    """The ``doc_id`` values lm-eval recorded are the drawn indices (it maps positions back to them)."""
+    for leaf, indices in samples.items():
+        recorded = sorted({int(s["doc_id"]) for s in output.get("samples", {}).get(leaf, [])})
+        if recorded != sorted(indices):
+            raise RuntimeError(f"lm-eval evaluated documents {recorded[:10]}... of {leaf!r}, not the "
+                               f"{len(indices)} drawn ({sorted(indices)[:10]}...); sampling: seeded cannot pair them.")
+
 
 # ---------------------------------------------------------------------------- running
 _TASK_MANAGERS: dict[str, TaskManager] = {}
@@ -146,13 +206,18 @@ def run_lm_eval_task(
     - ``bootstrap_iters`` (100000; only non-mean aggregations bootstrap), ``apply_chat_template``
       (False), ``fewshot_as_multiturn`` (False), ``system_instruction`` (None), ``batch_size`` (1).
 
-    ``limit`` takes the first N documents of each (sub)task; ``seed`` seeds everything lm-eval
-    seeds. ``lm`` reuses a :class:`~nvfp4kv.eval.lm.KVQuantLM` across cells (``set_kv`` is called).
+    - ``sampling``: ``first`` (default) | ``seeded``: which documents ``limit`` takes (module docstring).
+
+    ``limit`` takes N documents of each (sub)task (the first N, or a seeded draw); ``seed`` seeds
+    everything lm-eval seeds, and the draw. ``lm`` reuses a :class:`~nvfp4kv.eval.lm.KVQuantLM`
+    across cells (``set_kv`` is called).
     Metric keys are lm-eval's (``acc,none``, ``exact_match,strict-match``); samples have
     ``doc_id`` (``"<subtask>:<id>"`` for groups), ``subtask``, ``metrics``, ``target``,
     ``prediction`` (generated text, or the argmax choice index) and ``filtered`` (per filter).
     ``extra`` records ``data_source`` (``hub`` / ``local:<dir>`` / ``embedded-sample`` / ``lm_eval``)
-    and ``data_sha256`` (:meth:`PreparedTask.data_identity`).
+    and ``data_sha256`` (:meth:`PreparedTask.data_identity`); with ``sampling: seeded`` also
+    ``sampling``: ``{"mode": "seeded", "seed", "limit", "per_task": {leaf: documents drawn},
+    "indices_sha256"}`` (:func:`samples_sha256`), so cells that drew different documents differ.
     """
     cfg = LmEvalTaskConfig.from_dict(task_cfg)
     # memoized: free when the sweep ran check_lm_eval_task; fails in ms, before lm-eval indexes its tasks
@@ -171,12 +236,20 @@ def run_lm_eval_task(
     metadata = {"pretrained": _tokenizer_dir(bundle), **cfg.metadata} if prepared.include_defaults else {}
     tm = _task_manager(prepared, metadata)
     task_obj = _load_task(tm, prepared)
+    drawn: dict[str, list[int]] | None = None  # seeded: {leaf: sorted indices} (every index without a limit)
+    samples: dict[str, list[int]] | None = None  # what lm-eval gets: leaves it evaluates only in part
+    if cfg.sampling == "seeded":
+        n_docs = leaf_doc_counts(tm, task_obj)
+        drawn = draw_samples(seed, n_docs, limit)
+        if limit is not None:  # a leaf left out is evaluated whole (lm-eval's membership test is O(n*k))
+            samples = {leaf: idx for leaf, idx in drawn.items() if len(idx) < n_docs[leaf]}
     stats_before = dict(lm.stats)
     output = simple_evaluate(
         model=lm,
         tasks=[task_obj],
         num_fewshot=cfg.num_fewshot,
-        limit=limit,
+        limit=limit if drawn is None else None,
+        samples=samples,
         log_samples=True,
         task_manager=tm,
         gen_kwargs=cfg.gen_kwargs,
@@ -191,9 +264,11 @@ def run_lm_eval_task(
     )
     if output is None:  # non-zero rank in a distributed launch
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
+    if drawn is not None and limit is not None:
+        _check_drawn(output, drawn)
     leaves = _leaf_tasks(output, prepared.task_name)
     metrics = _metrics(output, prepared.task_name, leaves, cfg.metrics)
-    samples = _samples(output, leaves)
+    records = _samples(output, leaves)
     extra = {
         "lm_eval_task": prepared.task_name,
         **prepared.data_identity(),
@@ -203,6 +278,10 @@ def run_lm_eval_task(
         "seed": seed,
         "lm_stats": {k: v - stats_before.get(k, 0) for k, v in lm.stats.items() if v != stats_before.get(k, 0)},
     }
+    if drawn is not None:
+        extra["sampling"] = {"mode": "seeded", "seed": seed, "limit": limit,
+                             "per_task": {t: len(i) for t, i in drawn.items()},
+                             "indices_sha256": samples_sha256(drawn)}
     if len(leaves) > 1 or leaves != [prepared.task_name]:
         extra["subtasks"] = {t: {k: vars(v) for k, v in _metrics(output, t, [t], cfg.metrics).items()} for t in leaves}
-    return CellResult(metrics=metrics, samples=samples, extra=_jsonable(extra))
+    return CellResult(metrics=metrics, samples=records, extra=_jsonable(extra))

@@ -7,7 +7,9 @@ names the config key and the fix, instead of a traceback after the model has loa
   list is cached in the process and on disk, keyed by the lm-eval version).
 * :func:`check_mmlu_subjects`: every subject is one of MMLU's 57 (close matches suggested).
 * :func:`check_num_fewshot` / :func:`check_sample_capacity`: the few-shot pool holds enough
-  examples, and a run that only has the embedded sample asks for no more rows than it holds.
+  examples, and a run that only has the embedded sample asks for no more rows than it holds
+  (a ``sampling: seeded`` draw of ``limit`` documents per (sub)task is held to the same bound).
+* :func:`check_sampling`: ``sampling`` is one of ``first`` / ``seeded``.
 
 :func:`nvfp4kv.eval.lmeval_tasks.check_lm_eval_task` runs them all, with the data checks.
 """
@@ -141,6 +143,18 @@ def check_num_fewshot(value: Any, key: str = "num_fewshot") -> int | None:
     return value
 
 
+def check_sampling(value: Any, key: str = "sampling") -> str:
+    """``first`` (the default; also for ``None``) or ``seeded``; anything else is one :class:`ConfigError`."""
+    from nvfp4kv.config.choices import LM_EVAL_SAMPLINGS
+
+    if value is None:
+        return LM_EVAL_SAMPLINGS[0]
+    if isinstance(value, str) and value in LM_EVAL_SAMPLINGS:
+        return str(value)
+    raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(LM_EVAL_SAMPLINGS)} "
+                      f"(first: the first `limit` documents of each (sub)task; seeded: a seeded draw of them).")
+
+
 def check_fewshot_pool(num_fewshot: int, pool_rows: int, *, what: str, sample: bool, sample_note: str = "",
                        key: str = "num_fewshot") -> None:
     """``num_fewshot`` examples must fit in the smallest few-shot pool (``pool_rows``)."""
@@ -158,7 +172,8 @@ def check_fewshot_pool(num_fewshot: int, pool_rows: int, *, what: str, sample: b
 
 
 def check_sample_capacity(limit: int | None, rows: int, *, sample_note: str, key: str = "limit") -> None:
-    """With only the embedded sample, ``limit`` must be a number of documents it holds."""
+    """With only the embedded sample, ``limit`` must be a number of documents it holds (whichever
+    documents ``sampling`` takes: the first ``limit`` or a seeded draw of ``limit`` per (sub)task)."""
     if limit is not None and limit <= rows:
         return
     from nvfp4kv.eval.data import SAMPLE_FIX
