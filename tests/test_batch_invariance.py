@@ -13,8 +13,11 @@ Three levels:
    differently depending on how many rows it multiplies at once (measured on this machine with
    torch 2.13 / MKL 2024.2: a row computed alone (GEMV) differs from the same row among 2-15
    rows, which differs again from larger batches; with 2 threads a 1536->576 projection still
-   changes up to 129 rows). That is below the harness; with each row multiplied on its own,
-   everything the harness does (padding, masks, positions, SDPA, the cache) is bit-identical.
+   changes up to 129 rows). Likewise SDPA: on some CPUs (AMD EPYC, torch 2.13, 2026-12-05) a
+   query among masked pad keys rounds its softmax differently from the same query alone (7e-9
+   after one layer), so the attention is also taken one query at a time over exactly the keys
+   its mask lets it see. That is below the harness; with each row multiplied on its own,
+   everything the harness does (padding, masks, positions, the cache) is bit-identical.
 3. **The embedded SmolLM2** (fp32, 30 layers): exact with the row-invariant GEMM, as above; with
    MKL's own GEMM (what a sweep runs) batched and one-by-one log-likelihoods differ by the GEMM's
    last-bit rounding, carried through 30 layers and *amplified by the KV format* wherever it
@@ -238,9 +241,48 @@ def test_set_padding_is_refused_on_a_cache_that_holds_tokens():
 
 
 # ---------------------------------------------------------------------------- 2. the lm, tiny model
+def _attention_row_by_row(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False):
+    """``F.scaled_dot_product_attention`` for one query at a time over exactly the keys it may
+    see (masked keys are dropped, not given -inf), so a row's result does not depend on how many
+    pads or neighbours share the call. The mask still decides which keys those are: a harness mask
+    that let a pad in would change the result."""
+    assert dropout_p == 0.0
+    batch, heads, n_query, dim = query.shape
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    n_key = key.shape[2]
+    allowed = torch.ones(1, 1, n_query, n_key, dtype=torch.bool)
+    if is_causal:
+        allowed = allowed & torch.ones(n_query, n_key, dtype=torch.bool).tril(n_key - n_query)
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            allowed = allowed & (attn_mask > torch.finfo(attn_mask.dtype).min / 2)
+            bias = attn_mask
+    allowed = allowed.expand(batch, heads, n_query, n_key)
+    scale = dim**-0.5 if scale is None else scale
+    out = torch.zeros(batch, heads, n_query, value.shape[-1], dtype=query.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(n_query):
+                keys = allowed[b, h, i].nonzero().flatten()
+                if keys.numel() == 0:
+                    continue
+                scores = (key[b, h, keys] @ query[b, h, i].clone()) * scale
+                if bias is not None:
+                    scores = scores + bias.expand(batch, heads, n_query, n_key)[b, h, i, keys]
+                out[b, h, i] = scores.softmax(-1) @ value[b, h, keys]
+    return out
+
+
 class RowInvariantLinear(TorchFunctionMode):
-    """``F.linear`` computed one row at a time (each row a fresh 1-D GEMV), so a row's result
-    does not depend on how many rows share the call: the CPU GEMM's only batch dependence."""
+    """``F.linear`` computed one row at a time (each row a fresh 1-D GEMV) and attention one query
+    at a time over only its visible keys, so a row's result does not depend on how many rows or
+    pads share the call: the CPU kernels' only batch dependence."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -250,6 +292,8 @@ class RowInvariantLinear(TorchFunctionMode):
             flat = x.reshape(-1, x.shape[-1])
             rows = [F.linear(flat[i].clone(), weight, bias) for i in range(flat.shape[0])]
             return torch.stack(rows).reshape(*x.shape[:-1], weight.shape[0])
+        if func is F.scaled_dot_product_attention:
+            return _attention_row_by_row(*args, **kwargs)
         return func(*args, **kwargs)
 
 
