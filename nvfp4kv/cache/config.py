@@ -93,8 +93,11 @@ class KVCacheConfig:
     **Global scale** (formats with a per-tensor/per-head scale: NVFP4, FP8), ``scale_policy``:
 
     - ``"prefill"`` (default): computed from the first write (the prompt, sink tokens excluded)
-      and frozen, as HF's ``Fp8QuantizedLayer`` and serving engines with a calibrated scale do;
-      later outliers saturate. Costs one FP32 per layer per K/V.
+      and frozen, as HF's ``Fp8QuantizedLayer`` does; later outliers saturate. Costs one FP32 per
+      layer per K/V. No engine takes a scale from each request; it is the default because README's
+      policy table (``+sweep=policies``, ``policies_qwen``) measured it within the interval of
+      calibrated ``static`` for NVFP4 on both models, where ``unit`` (vLLM/SGLang without
+      checkpoint scales) drifts 3x further on Qwen, and it needs no calibration file.
     - ``"dynamic"``: recomputed for every write (every chunk leaving the residual window) and
       recorded per token row, a ``[1, h, T, 1]`` FP32 tensor: 4 bytes per token per scale head,
       counted in :meth:`~nvfp4kv.cache.QuantizedKVCache.nbytes`. The accuracy upper bound for a
