@@ -539,3 +539,68 @@ def test_paired_k_v_encoding_stores_and_reads_the_same_bits(case: dict, padded: 
             if ta is not None:
                 assert torch.equal(bits(ta), bits(tb)), attr
         assert sa.nbytes() == sb.nbytes()
+
+
+@pytest.mark.parametrize("case", [
+    dict(fmt="nvfp4", dequant_cache=True),
+    dict(fmt="nvfp4"),
+    dict(fmt="fp8_e4m3", dequant_cache=True),
+    dict(fmt="fp8_e4m3", dequant_cache=True, k_options={"scaling": "head"}, v_options={"scaling": "head"}),
+    dict(fmt="nvfp4", dequant_cache=True, nonfinite="map"),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_use_the_format_step_encoder_with_the_same_bits(case: dict, dtype: torch.dtype, monkeypatch) -> None:
+    """A decode step of the common configuration stacks K and V once in the layer, checks the
+    stack for NaN/Inf once, and encodes it with the format's step encoder (KVFormat.step_encoder);
+    every read, part and fast-path copy is bit-identical to the pair encoded by the format's own
+    quantize/dequantize (append_pair without the stack)."""
+    import nvfp4kv.cache.layer as layer_mod
+
+    case = dict(case)
+    fmt = case.pop("fmt")
+    k, v = kv(20, seed=21, dtype=dtype)
+    runs = []
+    real_pair = layer_mod.append_pair
+    for fast in (True, False):
+        used: list[bool] = []
+
+        def pair(ks, vs, kk, vv, stacked=None, _real=real_pair, _fast=fast, _used=used):
+            _used.append(stacked is not None)
+            return _real(ks, vs, kk, vv, stacked if _fast else None)
+
+        monkeypatch.setattr(layer_mod, "append_pair", pair)
+        cache = cache_for(fmt, **case)
+        out = [cache.update(k[:, :, :8], v[:, :, :8], 0)]
+        out += [cache.update(k[:, :, i : i + 1], v[:, :, i : i + 1], 0) for i in range(8, 20)]
+        runs.append((cache, out, used))
+    (fast_cache, fast_out, used), (ref_cache, ref_out, _) = runs
+    assert used[0] is False and all(used[1:])  # the prefill is not paired; every decode step is
+    assert layer0(fast_cache).k_stream._pair_cache[3] is not None  # a step encoder was built
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    for a, b in zip(fast_out, ref_out):
+        for ta, tb in zip(a, b):
+            assert torch.equal(bits(ta), bits(tb))
+    for sa, sb in ((layer0(fast_cache).k_stream, layer0(ref_cache).k_stream),
+                   (layer0(fast_cache).v_stream, layer0(ref_cache).v_stream)):
+        for name in sb.parts:
+            assert torch.equal(sa.parts[name], sb.parts[name])
+        assert (sa.dequantized is None) == (sb.dequantized is None)
+        if sb.dequantized is not None:
+            assert torch.equal(bits(sa.dequantized), bits(sb.dequantized))
+
+
+@pytest.mark.parametrize("which", ["K", "V"])
+def test_nan_in_a_paired_decode_step_raises_naming_k_or_v_and_changes_nothing(which: str) -> None:
+    """The one NaN/Inf check of the stacked K/V still names which of K or V holds it, and the
+    position, and the layer stays as it was."""
+    cache = cache_for("nvfp4", dequant_cache=True)
+    k, v = kv(12, seed=2)
+    cache.update(k[:, :, :10], v[:, :, :10], 0)
+    before = layer0(cache).k_stream.n_tokens, layer0(cache).v_stream.dequantized
+    nk, nv = k[:, :, 10:11].clone(), v[:, :, 10:11].clone()
+    (nk if which == "K" else nv)[1, 0, 0, 3] = float("nan")
+    with pytest.raises(NonFiniteKVError, match=f"Layer 0 {which} holds NaN/Inf \\(first at batch 1, kv head 0, token 10\\)"):
+        cache.update(nk, nv, 0)
+    assert (layer0(cache).k_stream.n_tokens, layer0(cache).v_stream.dequantized) == before
+    k_out, _ = cache.update(k[:, :, 10:11], v[:, :, 10:11], 0)
+    assert k_out.shape[2] == 11

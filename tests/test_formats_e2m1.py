@@ -176,3 +176,21 @@ def test_packed_decode_is_bit_exact_for_every_byte_in_any_layout() -> None:
     strided = every.reshape(16, 16).t()[:, 1:9]
     assert torch.equal(decode_packed_e2m1(strided).view(torch.int32),
                        decode_e2m1(unpack_nibbles(strided)).view(torch.int32))
+
+
+def test_finite_packed_encoder_equals_the_definition_on_every_non_nan_edge() -> None:
+    """rne_e2m1_packed_finite (the NVFP4 decode-step encoder's E2M1 rounding: no nan_to_num,
+    one matrix-vector product for the pair index) gives the bytes of
+    pack_nibbles(rne_e2m1_codes(y)) on every edge but NaN (which it is not given), and its
+    values are the decoder's values of those codes, bit for bit (-0.0 included)."""
+    from nvfp4kv.formats.e2m1 import decode_packed_e2m1, rne_e2m1_packed_finite
+
+    y = _e2m1_edge_inputs()
+    y = y[~torch.isnan(y)]
+    g = torch.Generator().manual_seed(5)
+    for order in (y, y.flip(0), y[torch.randperm(y.numel(), generator=g)]):
+        ys = order[: order.numel() // 32 * 32].reshape(2, -1, 16)
+        packed, values = rne_e2m1_packed_finite(ys, with_values=True)
+        assert torch.equal(packed, pack_nibbles(rne_e2m1_codes(ys)))
+        assert torch.equal(values.view(torch.int32), decode_packed_e2m1(packed).view(torch.int32))
+        assert rne_e2m1_packed_finite(ys)[1] is None

@@ -119,3 +119,43 @@ def test_encoder_equals_the_plain_definition_for_every_scale_kind() -> None:
         ones = torch.ones_like(st_)
         expected = torch.where(st_ > 0, float_to_e4m3_bits(x / torch.where(st_ > 0, st_, ones)), torch.zeros((), dtype=torch.uint8))
         assert torch.equal(quantize_fp8_e4m3(x, s), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaling", ["tensor", "head"])
+@pytest.mark.parametrize("scale_kind", ["data", "tiny", "huge"])
+def test_step_encoder_gives_the_bits_of_quantize_and_dequantize(dtype: torch.dtype, scaling: str, scale_kind: str) -> None:
+    """FP8E4M3Format.step_encoder (the cache's decode-step encoder) equals quantize + dequantize
+    bit for bit on stacked K/V: codes and decoded values, with scales from the data, a tiny scale
+    (everything saturates at +-448) and a huge one (FP32 products overflow: the clamp stays)."""
+    fmt = get_format("fp8_e4m3", scaling=scaling)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.randn(2, 2, 3, 5, 32, generator=g) * torch.exp2(torch.randint(-20, 20, (2, 2, 3, 5, 1), generator=g).float())
+        x[0, 1, 2, 2, :4] = torch.finfo(dtype).max
+        x = x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
+        shape = (1, 1, 3, 1, 1) if scaling == "head" else (1, 1, 1, 1, 1)
+        scale = {
+            "data": torch.stack([fmt.global_scale(x[0]), fmt.global_scale(x[1])]).float(),
+            "tiny": torch.full(shape, 1e-38),
+            "huge": torch.full(shape, 3e36),
+        }[scale_kind]
+        encode = fmt.step_encoder(scale)
+        assert encode is not None
+        parts, decoded = encode(x, dtype)
+        ref = fmt.quantize(x, scale)
+        assert parts.keys() == ref.keys() and torch.equal(parts["codes"], ref["codes"])
+        expect = fmt.dequantize(ref, scale, dtype)
+        assert decoded.dtype == expect.dtype
+        assert torch.equal(decoded.contiguous().view(torch.uint8), expect.contiguous().view(torch.uint8))
+        assert encode(x, None)[1] is None
+
+
+def test_step_encoder_is_declined_where_it_would_not_be_exact() -> None:
+    """None for per-token scaling (scales from the data), no scale, or a scale that is zero,
+    negative, NaN or Inf anywhere."""
+    assert get_format("fp8_e4m3", scaling="token").step_encoder(None) is None
+    fmt = get_format("fp8_e4m3")
+    assert fmt.step_encoder(None) is None
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        assert fmt.step_encoder(torch.tensor([1.0, bad]).reshape(2, 1, 1, 1, 1)) is None

@@ -258,3 +258,53 @@ def test_fast_encoder_equals_the_reference_definition(tiny_scale: str) -> None:
         gs = nvfp4_global_scale(x)
         fast, ref = quantize_nvfp4(x, gs, tiny_scale), quantize_nvfp4_reference(x, gs, tiny_scale)
         assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+
+
+def _step_inputs(dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Stacked ``[2, B, H, T, 64]`` K/V with an all-zero block, a tiny block (scale underflows
+    to 0), a block at the dtype's largest finite value, and random magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 3, 5, 64, generator=g) * torch.exp2(torch.randint(-20, 20, (2, 2, 3, 5, 1), generator=g).float())
+    x[0, 0, 0, 0, :16] = 0
+    x[1, 0, 1, 1, 16:32] = 1e-30
+    x[0, 1, 2, 2, 32:48] = torch.finfo(dtype).max
+    return x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_kind", ["data", "per_row", "tiny", "huge"])
+def test_step_encoder_gives_the_bits_of_quantize_and_dequantize(dtype: torch.dtype, scale_kind: str) -> None:
+    """NVFP4Format.step_encoder (the cache's decode-step encoder) equals quantize + dequantize
+    bit for bit: codes, scale bytes, decoded values (-0.0 and saturation included), for a
+    per-tensor scale from the data, per-row scales, a tiny scale (every block saturates at 448)
+    and a huge one (FP32 products overflow: the saturating clamp must stay)."""
+    fmt = get_format("nvfp4")
+    for seed in range(4):
+        x = _step_inputs(dtype, seed)
+        scale = {
+            "data": fmt.global_scale(x[0]).float(),
+            "per_row": torch.tensor([1e-3, 0.5, 7.0, 2.0 ** -20]).reshape(2, 2, 1, 1, 1),
+            "tiny": torch.full((1, 1, 1, 1), 1e-38),
+            "huge": torch.full((1, 1, 1, 1), 3e36),
+        }[scale_kind]
+        encode = fmt.step_encoder(scale)
+        assert encode is not None
+        parts, decoded = encode(x, dtype)
+        ref = fmt.quantize(x, scale)
+        assert parts.keys() == ref.keys()
+        for name in ref:
+            assert parts[name].dtype == ref[name].dtype and torch.equal(parts[name], ref[name]), name
+        expect = fmt.dequantize(ref, scale, dtype)
+        assert decoded.dtype == expect.dtype
+        assert torch.equal(decoded.contiguous().view(torch.uint8), expect.contiguous().view(torch.uint8))
+        assert encode(x, None)[1] is None
+
+
+def test_step_encoder_is_declined_where_it_would_not_be_exact() -> None:
+    """No fast encoder for a scale that is zero, negative, NaN or Inf anywhere, for none, or for
+    tiny_scale="modelopt": the cache then runs the format's own quantize/dequantize."""
+    fmt = get_format("nvfp4")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        assert fmt.step_encoder(torch.tensor([1.0, bad]).reshape(2, 1, 1, 1, 1)) is None
+    assert fmt.step_encoder(None) is None
+    assert get_format("nvfp4", tiny_scale="modelopt").step_encoder(torch.ones(1, 1, 1, 1)) is None

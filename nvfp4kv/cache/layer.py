@@ -43,7 +43,7 @@ from nvfp4kv.cache.checks import (
     raise_if_nonfinite,
 )
 from nvfp4kv.cache.first_batch import FrozenScales
-from nvfp4kv.cache.stream import PackedStream, append_pair
+from nvfp4kv.cache.stream import PackedStream, append_pair, pair_ready
 from nvfp4kv.errors import BlockSizeError, KVStateError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
 from nvfp4kv.formats.numerics import has_nonfinite
@@ -164,11 +164,13 @@ class PackedKVLayer(DynamicLayer):
         n_before = self.get_seq_length()
         key_states = self._zero_pads(key_states, n_before)
         value_states = self._zero_pads(value_states, n_before)
-        key_states = self._apply_nonfinite(key_states, where, "K", n_before)
-        value_states = self._apply_nonfinite(value_states, where, "V", n_before)
+        stacked = self._paired_finite(key_states, value_states, where, n_before)
+        if stacked is None:
+            key_states = self._apply_nonfinite(key_states, where, "K", n_before)
+            value_states = self._apply_nonfinite(value_states, where, "V", n_before)
         saved = dict(vars(self)), self.k_stream.snapshot(), self.v_stream.snapshot()
         try:
-            return self._store_and_read(key_states, value_states, n_before, kwargs)
+            return self._store_and_read(key_states, value_states, n_before, kwargs, stacked)
         except BaseException:
             self._restore(saved)
             raise
@@ -186,6 +188,27 @@ class PackedKVLayer(DynamicLayer):
                     f"but head_dim is {x.shape[-1]}. Use a format whose block divides {x.shape[-1]} "
                     f"(e.g. 'fp8_e4m3'), or keep this layer in BF16 with skip_layers."
                 )
+
+    def _paired_finite(self, k: torch.Tensor, v: torch.Tensor, where: str, n_before: int) -> torch.Tensor | None:
+        """``torch.stack([k, v])`` when this write can be encoded as a pair (:func:`pair_ready`:
+        a decode step of the common configuration) and holds no NaN/Inf; else None, and the
+        NaN/Inf policy is applied to K and V one by one (:meth:`_apply_nonfinite`).
+
+        Why: one NaN/Inf check of the stack instead of one per K and V, and the stack is what
+        :func:`append_pair` encodes (its format step encoder may skip its own check, since the
+        policy has been applied). Under ``"raise"`` a stack holding NaN/Inf raises the error
+        naming K or V; under ``"map"`` it is left to the per-piece mapping; ``"keep"`` never
+        stacks here (nothing is checked, so nothing is known finite).
+        """
+        if self.nonfinite == "keep" or not pair_ready(self.k_stream, self.v_stream, k, v):
+            return None
+        stacked = torch.stack([k, v])
+        if not has_nonfinite(stacked):
+            return stacked
+        if self.nonfinite == "raise":
+            raise_if_nonfinite(k, where, "K", n_before)
+            raise_if_nonfinite(v, where, "V", n_before)
+        return None
 
     def _apply_nonfinite(self, x: torch.Tensor, where: str, which: str, n_before: int) -> torch.Tensor:
         """The NaN/Inf policy on incoming K or V, before any path can read them (see checks.py)."""
@@ -205,11 +228,12 @@ class PackedKVLayer(DynamicLayer):
         self.v_stream.restore(v_state)
 
     def _store_and_read(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, n_before: int, kwargs: dict[str, Any]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, n_before: int, kwargs: dict[str, Any],
+        stacked: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not append_pair(self.k_stream, self.v_stream, key_states, value_states):
+        if not append_pair(self.k_stream, self.v_stream, key_states, value_states, stacked):
             self.k_stream.append(key_states)
             self.v_stream.append(value_states)
         fused_reader, self._fused_reader = self._fused_reader, False

@@ -52,7 +52,7 @@ import torch
 from nvfp4kv.cache.first_batch import FrozenScales
 from nvfp4kv.cache.parts import append_parts, append_tokens, map_parts, parts_nbytes, slice_parts
 from nvfp4kv.errors import NVFP4KVError
-from nvfp4kv.formats.base import KVFormat, Parts
+from nvfp4kv.formats.base import KVFormat, Parts, StepEncoder
 from nvfp4kv.formats.numerics import finite_abs, saturating_cast
 from nvfp4kv.kernels.backend import KernelBackend, TorchBackend
 
@@ -140,6 +140,9 @@ class PackedStream:
         self._rows: list[PackedStream] | None = None
         #: row-by-row storage: tokens stored, pads included (the batched layout's n_tokens)
         self._row_total = 0
+        #: append_pair's derived constants: (k scale, v scale, stacked scale, step encoder)
+        self._pair_cache: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                StepEncoder | None] | None = None
 
     # ------------------------------------------------------------------ transactions
     def snapshot(self) -> dict[str, object]:
@@ -536,38 +539,79 @@ class PackedStream:
         return 0 if t is None else t.numel() * t.element_size()
 
 
-def append_pair(k_stream: PackedStream, v_stream: PackedStream, k: torch.Tensor, v: torch.Tensor) -> bool:
+def pair_ready(k_stream: PackedStream, v_stream: PackedStream, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`append_pair` may encode ``k`` and ``v`` together (pure Python, no tensor op):
+    a :attr:`~nvfp4kv.formats.base.KVFormat.rowwise` format shared by both streams, the reference
+    backend, equal shapes and dtypes, and writes that both streams pack whole with frozen scales
+    (:meth:`PackedStream._packs_whole`: every decode step of the common configuration)."""
+    ks, vs = k_stream, v_stream
+    fmt = ks.fmt
+    return bool(type(fmt).rowwise and fmt == vs.fmt and type(ks.codec) is TorchBackend and vs.codec is ks.codec
+                and ks.keep_dequantized == vs.keep_dequantized and k.shape == v.shape and k.dtype == v.dtype
+                and ks._packs_whole(k) and vs._packs_whole(v))
+
+
+def _pair_scale(ks: PackedStream, vs: PackedStream) -> tuple[bool, torch.Tensor | None, StepEncoder | None]:
+    """``(ok, stacked global scale or None, step encoder or None)`` for a pair of streams.
+
+    Why cached: the frozen scales never change in place (a write rebinds, never mutates), so
+    the stacked ``[2, ...]`` scale and the format's :meth:`~nvfp4kv.formats.base.KVFormat.step_encoder`
+    built from it are derived once per pair of scale tensors, not on every decode step. The
+    cache lives on the K stream, keyed by the identity of both scale tensors. ``ok`` is False
+    when the two scales cannot be stacked (different shapes or devices).
+    """
+    sk, sv = ks.scale, vs.scale
+    cached = ks._pair_cache
+    if cached is not None and cached[0] is sk and cached[1] is sv:
+        return True, cached[2], cached[3]
+    scale = None
+    if ks.fmt.uses_global_scale:
+        if sk.shape != sv.shape or sk.device != sv.device:  # type: ignore[union-attr]
+            return False, None, None
+        scale = torch.stack([sk, sv])  # type: ignore[list-item]
+    encoder = ks.fmt.step_encoder(scale)
+    ks._pair_cache = (sk, sv, scale, encoder)
+    return True, scale, encoder
+
+
+def append_pair(k_stream: PackedStream, v_stream: PackedStream, k: torch.Tensor, v: torch.Tensor,
+                stacked: torch.Tensor | None = None) -> bool:
     """Store ``k`` in ``k_stream`` and ``v`` in ``v_stream`` with *one* encode (and one decode,
     on the fast path) of both, stacked as ``[2, B, H, t, D]``; False (nothing done) when the pair
-    does not qualify, and the caller appends each on its own.
+    does not qualify (:func:`pair_ready`), and the caller appends each on its own.
 
-    Same bytes as two :meth:`PackedStream.append` calls: it is used only for a
-    :attr:`~nvfp4kv.formats.base.KVFormat.rowwise` format (every row encoded on its own, the
-    global scales stacked alongside), the reference backend, and writes that both streams pack
-    whole with frozen scales (:meth:`PackedStream._packs_whole`: every decode step of the
-    common configuration). Halving the tensor ops of a one-token step is what it is for. If
-    the encode raises, nothing is stored and False is returned, so the separate appends raise
-    the error naming K or V.
+    Same bytes as two :meth:`PackedStream.append` calls: it is used only for a rowwise format
+    (every row encoded on its own, the global scales stacked alongside), the reference backend,
+    and writes that both streams pack whole with frozen scales. Halving the tensor ops of a
+    one-token step is what it is for. If the encode raises, nothing is stored and False is
+    returned, so the separate appends raise the error naming K or V.
+
+    ``stacked``: ``torch.stack([k, v])`` from a caller that has checked :func:`pair_ready` and
+    applied the NaN/Inf policy (so K and V are finite); the format's step encoder
+    (:meth:`~nvfp4kv.formats.base.KVFormat.step_encoder`, the same bits in fewer ops, without
+    re-checking) may then encode it. Without it, the format's own quantize/dequantize run.
     """
     ks, vs = k_stream, v_stream
     fmt = ks.fmt
-    if not (type(fmt).rowwise and fmt == vs.fmt and type(ks.codec) is TorchBackend and vs.codec is ks.codec
-            and ks.keep_dequantized == vs.keep_dequantized and k.shape == v.shape and k.dtype == v.dtype
-            and ks._packs_whole(k) and vs._packs_whole(v)):
-        return False
-    scale = None
-    if fmt.uses_global_scale:
-        sk, sv = ks.scale, vs.scale
-        if sk.shape != sv.shape or sk.device != sv.device:  # type: ignore[union-attr]
+    finite = stacked is not None
+    if stacked is None:
+        if not pair_ready(ks, vs, k, v):
             return False
-        scale = torch.stack([sk, sv])  # type: ignore[list-item]
-    x = torch.stack([k, v])
+        stacked = torch.stack([k, v])
+    ok, scale, encoder = _pair_scale(ks, vs)
+    if not ok:
+        return False
     try:
-        parts = ks.codec.quantize(fmt, x, scale)
-        decoded = ks.codec.dequantize(fmt, parts, scale, ks.dtype) if ks.keep_dequantized else None  # type: ignore[arg-type]
+        if finite and encoder is not None:
+            parts, decoded = encoder(stacked, ks.dtype if ks.keep_dequantized else None)
+        else:
+            parts = ks.codec.quantize(fmt, stacked, scale)
+            decoded = ks.codec.dequantize(fmt, parts, scale, ks.dtype) if ks.keep_dequantized else None  # type: ignore[arg-type]
     except NVFP4KVError:
         return False
+    split = {name: part.unbind(0) for name, part in parts.items()}
+    halves = (None, None) if decoded is None else decoded.unbind(0)
+    n = stacked.shape[3]
     for i, stream in enumerate((ks, vs)):
-        stream._commit({name: part[i] for name, part in parts.items()},
-                       None if decoded is None else decoded[i], x.shape[3])
+        stream._commit({name: pair[i] for name, pair in split.items()}, halves[i], n)
     return True

@@ -53,6 +53,8 @@ NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 #: old spellings still accepted, and what they mean now
 NONFINITE_ALIASES: dict[str, str] = {"error": "raise"}
 Parts = dict[str, torch.Tensor]
+#: ``encode(x, dtype) -> (parts, decoded or None)``: see :meth:`KVFormat.step_encoder`
+StepEncoder = Callable[[torch.Tensor, "torch.dtype | None"], "tuple[Parts, torch.Tensor | None]"]
 
 
 def normalize_nonfinite(value: object, *, stacklevel: int = 3) -> str:
@@ -222,6 +224,22 @@ class KVFormat(ABC):
                 f"decode scale), not {convention!r}."
             )
         return value
+
+    # ---- the decode-step fast path -----------------------------------------------------------
+    def step_encoder(self, global_scale: torch.Tensor | None) -> StepEncoder | None:
+        """A function encoding *finite* input with this (frozen) ``global_scale`` in few ops, or
+        None when this format (or this scale, or its device) has none.
+
+        Why: a decode step encodes one token per layer, where the cost is the number of tensor
+        ops, not their size; constants that depend only on the frozen scale are derived once
+        here instead of on every call. The returned ``encode(x, dtype)`` must give exactly
+        ``parts = self.quantize(x, global_scale)`` and, when ``dtype`` is not None,
+        ``self.dequantize(parts, global_scale, dtype)`` (else None), bit for bit, for every
+        finite ``x`` (the caller has applied the NaN/Inf policy, so no check is repeated).
+        ``x`` may have any number of leading dims (K and V stacked) and ``global_scale`` must
+        broadcast to it from the left, as for :attr:`rowwise` formats. The default: none.
+        """
+        return None
 
     # ---- shared checks ---------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:

@@ -144,6 +144,36 @@ def rne_e2m1_packed(y: torch.Tensor) -> torch.Tensor:
     return _pair_table(y.device).take(b[..., 0] + 16 * b[..., 1])
 
 
+def _bucket_values(device: torch.device) -> torch.Tensor:
+    """``[16]`` FP32: the E2M1 value of each bucket index of :func:`_signed_bounds` (the value
+    of its code, :data:`E2M1_VALUES`; bucket 7 is code 8, ``-0.0``)."""
+    return _constant("bucket_values", device,
+                     lambda: torch.tensor(E2M1_VALUES, dtype=torch.float32)[_bucket_codes().long()])
+
+
+def _pair_weights(device: torch.device) -> torch.Tensor:
+    """``[2]`` int64 ``(1, 16)``: a pair of buckets ``(lo, hi)`` times it is ``lo + 16 * hi``."""
+    return _constant("pair_weights", device, lambda: torch.tensor([1, 16]))
+
+
+def rne_e2m1_packed_finite(y: torch.Tensor, with_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`rne_e2m1_packed` of FP32 ``y`` that holds no NaN (+-Inf allowed), in fewer ops,
+    and, with ``with_values``, the FP32 value of every element's code (what
+    ``decode_e2m1(unpack_nibbles(packed))`` gives), else None.
+
+    Why: the NVFP4 decode-step encoder (one token per layer) pays per op. Without NaN the
+    ``nan_to_num`` of :func:`_buckets` is the identity; the pair index ``lo + 16 * hi`` is one
+    integer matrix-vector product; and the values come from the same buckets through
+    :func:`_bucket_values` (the same table entries the decoder reads). ``tests/test_formats_e2m1.py``
+    checks both outputs against the definitions.
+    """
+    if y.shape[-1] % 2:
+        raise ValueError(f"rne_e2m1_packed_finite needs an even last dim, got {y.shape[-1]}")
+    b = torch.bucketize(y, _signed_bounds(y.device), right=True)
+    packed = _pair_table(y.device).take(b.unflatten(-1, (-1, 2)) @ _pair_weights(y.device))
+    return packed, (_bucket_values(y.device).take(b) if with_values else None)
+
+
 def rne_e2m1_magnitude(a: torch.Tensor) -> torch.Tensor:
     """Magnitude code 0..7 (uint8) of ``a >= 0`` under round-to-nearest-even with saturation.
 

@@ -34,7 +34,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, StepEncoder, register_format
 from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits, float_to_e4m3_bits_fast  # noqa: F401 (float_to_e4m3_bits: re-exported, the definition)
 from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
 
@@ -62,6 +62,36 @@ def dequantize_fp8_e4m3(
     """``float(code) * scale`` in ``dtype``."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
     return (e4m3_bits_to_float(codes) * s).to(dtype)
+
+
+def fp8_step_encoder(scale: torch.Tensor) -> StepEncoder | None:
+    """The encoder of :meth:`FP8E4M3Format.step_encoder` for a global ``scale``; None unless
+    the FP32 ``scale`` is on the CPU, finite and positive everywhere.
+
+    The same arithmetic as :func:`quantize_fp8_e4m3` and :meth:`FP8E4M3Format.dequantize`,
+    with what only the scale decides done once: ``scale > 0`` everywhere, so the
+    ``where(s > 0, ...)`` is the identity; ``x / s`` is never NaN for finite ``x``, so the NaN
+    repair of :func:`~nvfp4kv.formats.e4m3.float_to_e4m3_bits_fast` (a host sync) is a no-op
+    (the CPU path of that function is exactly this clamp and cast); the decoded codes are the
+    same ``float8_e4m3fn`` values the table holds (no code is NaN); and when ``2 * 448 * s`` is
+    below FP32's maximum no FP32 product overflows, so the FP32 output's clamp is skipped.
+    """
+    s = scale
+    if s.dtype != torch.float32 or s.device.type != "cpu" or not bool((torch.isfinite(s) & (s > 0)).all()):
+        return None
+    fp32_safe = bool(s.amax() * (2 * E4M3_MAX) < torch.finfo(torch.float32).max)
+
+    def encode(x: torch.Tensor, dtype: torch.dtype | None) -> tuple[Parts, torch.Tensor | None]:
+        codes = (x.float() / s).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        parts = {"codes": codes.view(torch.uint8)}
+        if dtype is None:
+            return parts, None
+        out = codes.float() * s
+        if dtype != torch.float32 or not fp32_safe:
+            out = saturate_(out.to(dtype))
+        return parts, out
+
+    return encode
 
 
 @register_format("fp8_e4m3")
@@ -119,6 +149,13 @@ class FP8E4M3Format(KVFormat):
         if self.scaling == "token":
             parts["scale"] = scale
         return parts
+
+    def step_encoder(self, global_scale: torch.Tensor | None) -> StepEncoder | None:
+        """:func:`fp8_step_encoder` for a global scale (``"tensor"``/``"head"``; see
+        KVFormat.step_encoder); none for ``"token"`` scaling, whose scales come from the data."""
+        if global_scale is None or self.scaling == "token":
+            return None
+        return fp8_step_encoder(global_scale)
 
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype

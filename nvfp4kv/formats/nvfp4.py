@@ -40,9 +40,16 @@ from typing import ClassVar, Literal
 
 import torch
 
-from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, register_format
+from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, StepEncoder, register_format
 from nvfp4kv.formats.conventions import NVFP4_RANGE, available_conventions, to_decode_scale
-from nvfp4kv.formats.e2m1 import E2M1_MAX, decode_packed_e2m1, pack_nibbles, rne_e2m1_codes, rne_e2m1_packed
+from nvfp4kv.formats.e2m1 import (
+    E2M1_MAX,
+    decode_packed_e2m1,
+    pack_nibbles,
+    rne_e2m1_codes,
+    rne_e2m1_packed,
+    rne_e2m1_packed_finite,
+)
 from nvfp4kv.formats.e4m3 import (
     E4M3_MAX,
     E4M3_MIN_SUBNORMAL,
@@ -124,6 +131,47 @@ def quantize_nvfp4(
     # where the scale is 0 (or NaN) the codes are 0: y = 0 encodes as code 0
     scaled = torch.where(nonzero, blocks / decode_scale, 0.0)
     return rne_e2m1_packed(scaled.flatten(-2)), scale_bits.squeeze(-1)
+
+
+def nvfp4_step_encoder(global_scale: torch.Tensor) -> StepEncoder | None:
+    """The ``tiny_scale="zero"`` encoder of :meth:`NVFP4Format.step_encoder`; None unless the
+    FP32 ``global_scale`` is on the CPU, finite and positive everywhere.
+
+    The same arithmetic as :func:`quantize_nvfp4` and :meth:`NVFP4Format.dequantize`, with
+    what only the scale decides done once: ``gs * 6`` is positive everywhere, so the two
+    ``where(gs6 > 0, ...)`` of :func:`nvfp4_block_scale_bits` are identities; the block ratio
+    ``amax / gs6`` is never NaN (finite over positive), so the NaN repair of
+    :func:`~nvfp4kv.formats.e4m3.float_to_e4m3_bits_fast` (and its host sync) and the
+    ``nan_to_num`` of the E2M1 rounding are no-ops (:func:`rne_e2m1_packed_finite`); decoded
+    values come from the E2M1 buckets (the same table values the decoder reads) times the
+    same ``float(s) * gs``; and when ``2 * 2688 * gs`` is below FP32's maximum, no FP32
+    product can overflow, so the FP32 output's saturating clamp is skipped.
+    """
+    gs = global_scale
+    if gs.dtype != torch.float32 or gs.device.type != "cpu":
+        return None
+    gs_b = _scale_for_blocks(gs, gs)
+    gs6 = gs_b * E2M1_MAX
+    if not bool((torch.isfinite(gs_b) & (gs6 > 0)).all()):
+        return None
+    fp32_safe = bool(gs.amax() * (2 * NVFP4_RANGE) < torch.finfo(torch.float32).max)
+
+    def encode(x: torch.Tensor, dtype: torch.dtype | None) -> tuple[Parts, torch.Tensor | None]:
+        blocks = x.float().unflatten(-1, (-1, NVFP4_BLOCK))
+        block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+        scale_fp8 = (block_amax / gs6).clamp_(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        decode_scale = scale_fp8.float() * gs_b  # float(s) * gs
+        scaled = torch.where(decode_scale > 0, blocks / decode_scale, 0.0)
+        packed, values = rne_e2m1_packed_finite(scaled, with_values=dtype is not None)
+        parts = {"codes": packed.flatten(-2), "scales": scale_fp8.view(torch.uint8).squeeze(-1)}
+        if dtype is None:
+            return parts, None
+        out = (values * decode_scale).flatten(-2)  # type: ignore[operator]
+        if dtype != torch.float32 or not fp32_safe:
+            out = saturate_(out.to(dtype))
+        return parts, out
+
+    return encode
 
 
 def quantize_nvfp4_reference(
@@ -221,6 +269,12 @@ class NVFP4Format(KVFormat):
             x = map_nonfinite(x, NVFP4_RANGE * gs)
         codes, scales = quantize_nvfp4(x, gs, self.tiny_scale)
         return {"codes": codes, "scales": scales}
+
+    def step_encoder(self, global_scale: torch.Tensor | None) -> StepEncoder | None:
+        """:func:`nvfp4_step_encoder` for ``tiny_scale="zero"`` (see KVFormat.step_encoder)."""
+        if global_scale is None or self.tiny_scale != "zero":
+            return None
+        return nvfp4_step_encoder(global_scale)
 
     def dequantize(
         self, parts: Parts, global_scale: torch.Tensor | None, dtype: torch.dtype
