@@ -159,3 +159,21 @@ def test_step_encoder_is_declined_where_it_would_not_be_exact() -> None:
     assert fmt.step_encoder(None) is None
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         assert fmt.step_encoder(torch.tensor([1.0, bad]).reshape(2, 1, 1, 1, 1)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.0117, 1e-38, 3e36, 0.0, -2.5, float("nan")])
+def test_one_scale_dequantize_gives_the_reference_bits_for_every_byte(dtype: torch.dtype, scale: float) -> None:
+    """FP8E4M3Format.dequantize with one scale (the 256-entry scaled table) returns the bits of
+    saturate_(dequantize_fp8_e4m3(...)) for all 256 bytes (NaN payloads, -0.0 and saturation
+    included), in any layout; per-head and per-token scales keep the reference path."""
+    from nvfp4kv.formats.numerics import saturate_
+
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    bits = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+    for codes in (every.reshape(2, 2, 8, 8), every.reshape(2, 2, 8, 8).transpose(2, 3)):
+        s = torch.full((1, 1, 1, 1), scale)
+        got = get_format("fp8_e4m3").dequantize({"codes": codes}, s, dtype)
+        expect = saturate_(dequantize_fp8_e4m3(codes, s, dtype))
+        assert got.shape == expect.shape and got.dtype == expect.dtype
+        assert torch.equal(bits(got), bits(expect))

@@ -35,8 +35,8 @@ from typing import ClassVar, Literal
 import torch
 
 from nvfp4kv.formats.base import FormatKernels, KVFormat, Parts, StepEncoder, register_format
-from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, float_to_e4m3_bits, float_to_e4m3_bits_fast  # noqa: F401 (float_to_e4m3_bits: re-exported, the definition)
-from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, map_nonfinite, saturate_
+from nvfp4kv.formats.e4m3 import E4M3_MAX, e4m3_bits_to_float, e4m3_lut, float_to_e4m3_bits, float_to_e4m3_bits_fast  # noqa: F401 (float_to_e4m3_bits: re-exported, the definition)
+from nvfp4kv.formats.numerics import divide, finite_abs, has_nonfinite, lookup, map_nonfinite, saturate_
 
 FP8Scaling = Literal["tensor", "head", "token"]
 _SCALINGS = ("tensor", "head", "token")
@@ -62,6 +62,21 @@ def dequantize_fp8_e4m3(
     """``float(code) * scale`` in ``dtype``."""
     s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
     return (e4m3_bits_to_float(codes) * s).to(dtype)
+
+
+def dequantize_fp8_one_scale(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``saturate_(dequantize_fp8_e4m3(codes, scale, dtype))`` for a one-element ``scale``, by one
+    lookup in a 256-entry table of already scaled, converted and saturated values.
+
+    Why: without the fast path the cache decodes its whole FP8 history on every read, so the
+    per-element passes count; the multiply, the cast and the clamp are elementwise functions
+    of the code byte alone, so applying them to the 256 table entries gives every output the
+    very bits the reference computes (NaN bytes included: the same ``NaN * s``), in two passes
+    over the data (index conversion, gather) instead of five. A ``float8_e4m3fn`` view cast is
+    no faster on CPU (measured slower than the gather) and gives NaN bytes another payload.
+    """
+    table = saturate_((e4m3_lut(codes.device) * scale.reshape(())).to(dtype))
+    return lookup(table, codes)
 
 
 def fp8_step_encoder(scale: torch.Tensor) -> StepEncoder | None:
@@ -166,4 +181,8 @@ class FP8E4M3Format(KVFormat):
                 f"fp8_e4m3 (scaling={self.scaling!r}) dequantize needs the global scale used to "
                 f"quantize these parts; pass the one the cache stored."
             )
-        return saturate_(dequantize_fp8_e4m3(parts["codes"], scale, dtype))
+        codes = parts["codes"]
+        s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
+        if s.numel() == 1 and s.dim() <= codes.dim():
+            return dequantize_fp8_one_scale(codes, s, dtype)
+        return saturate_(dequantize_fp8_e4m3(codes, s, dtype))
