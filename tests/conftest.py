@@ -25,3 +25,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 if SHARED_DATA.is_dir():
     os.environ.setdefault("NVFP4KV_DATA_DIR", str(SHARED_DATA))
+
+
+# ---------------------------------------------------------------------------- shared fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The embedded offline model (SmolLM2-135M-Instruct) on the CPU, loaded once per module."""
+    from nvfp4kv.models import load_model
+
+    return load_model({"device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def lm(bundle):
+    """Our lm-eval model over ``bundle`` with BF16 KV."""
+    from nvfp4kv.eval.lm import KVQuantLM
+
+    return KVQuantLM.from_bundle(bundle, "bf16", progress=False)

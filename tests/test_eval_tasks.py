@@ -172,18 +172,7 @@ def test_samples_merge_filters_per_document() -> None:
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def bundle():
-    from nvfp4kv.models import load_model
-
-    return load_model({"device": "cpu"})
-
-
-@pytest.fixture(scope="module")
-def lm(bundle):
-    from nvfp4kv.eval.lm import KVQuantLM
-
-    return KVQuantLM.from_bundle(bundle, "bf16", progress=False)
+# ``bundle`` and ``lm`` (the embedded model, BF16 KV): tests/conftest.py
 
 
 @pytest.mark.slow

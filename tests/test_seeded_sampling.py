@@ -121,18 +121,7 @@ def test_the_seeded_draw_is_held_to_the_embedded_samples_rows(tmp_path: Path, mo
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def bundle():
-    from nvfp4kv.models import load_model
-
-    return load_model({"device": "cpu"})
-
-
-@pytest.fixture(scope="module")
-def lm(bundle):
-    from nvfp4kv.eval.lm import KVQuantLM
-
-    return KVQuantLM.from_bundle(bundle, "bf16", progress=False)
+# ``bundle`` and ``lm`` (the embedded model, BF16 KV): tests/conftest.py
 
 
 MMLU_CFG = {"kind": "lm_eval", "name": "mmlu", "lm_eval_task": "mmlu", "num_fewshot": 1,
