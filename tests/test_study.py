@@ -33,10 +33,36 @@ def test_pooled_rows_pair_question_by_question_and_count_flips():
     assert row["n"] == 400 and (row["lost"], row["gained"]) == (50, 100)
     assert row["delta"] == pytest.approx((100 - 50) / 400)
     assert row["ci_low"] < row["delta"] < row["ci_high"]
-    # 150 discordant answers of 400: an interval of about +-5.8 points, too wide for the default +-5
-    assert row["verdict"].startswith("non-discriminative: Δ interval ±5.")
-    wider = study_table(pooled, metric="acc", chance={"mmlu": 0.25}, max_half_width=0.1, n_boot=500)
-    assert list(wider["verdict"]) == ["baseline", "ok"]
+    # 150 discordant answers of 400 (50 lost, 100 gained): an interval of about +-5.8 points, wider than
+    # the default +-5, but it excludes 0 and McNemar agrees: the task told the formats apart
+    assert row["ci_low"] > 0 and row["p_mcnemar"] < 0.05
+    assert row["verdict"] == "gain: interval excludes 0"
+
+
+def test_verdicts_separate_wide_from_resolved_from_underpowered():
+    base = frame("bf16", "t", [1, 0] * 100)
+    # 75 lost, 75 gained of 200: Δ 0 with an interval of about +-12 points -> cannot tell
+    even = frame("even", "t", [0, 1] * 75 + [1, 0] * 25)
+    # 20 lost of 200, none gained: a clear loss
+    lossy = frame("lossy", "t", [0, 0] * 20 + [1, 0] * 80)
+    # answers identical to bf16: Δ 0 with a zero-width interval
+    same = frame("same", "t", [1, 0] * 100)
+    table = study_table(pd.concat([base, even, lossy, same]), metric="acc", n_boot=500).set_index("kv")
+    assert table.loc["even", "verdict"].startswith("non-discriminative: Δ interval ±")
+    assert table.loc["lossy", "verdict"] == "loss: interval excludes 0"
+    assert table.loc["same", "verdict"] == "ok"
+    # 3 of 3 lost: the bootstrap collapses to [-100, -100], the exact sign test gives p = 0.25
+    tiny = study_table(pd.concat([frame("bf16", "p", [1, 1, 1]), frame("nvfp4", "p", [0, 0, 0])]),
+                       metric="acc", n_boot=200).set_index("kv")
+    assert tiny.loc["nvfp4", "ci_high"] < 0
+    assert tiny.loc["nvfp4", "verdict"] == "underpowered: interval excludes 0, sign test p=0.25 (3 lower, 0 higher of 3)"
+    # partial scores (RULER): 7 of 7 samples lower is significant (p = 2 / 2**7), 3 of 7 is not
+    scores = [1.0, 0.8, 0.6, 1.0, 0.5, 0.75, 1.0]
+    partial = study_table(pd.concat([frame("bf16", "r", scores), frame("all7", "r", [x - 0.4 for x in scores]),
+                                     frame("some3", "r", [x - 0.4 for x in scores[:3]] + scores[3:])]),
+                          metric="acc", n_boot=500).set_index("kv")
+    assert partial.loc["all7", "verdict"] == "loss: interval excludes 0"
+    assert partial.loc["some3", "verdict"].startswith("underpowered")
 
 
 def test_a_task_at_chance_is_flagged_non_discriminative():

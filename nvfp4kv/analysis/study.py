@@ -6,10 +6,19 @@ groups ``mmlu_a``, ``mmlu_b``, ...), and a reader wants one row per benchmark, p
 cells and paired question by question. Pooling happens here, on the per-sample records, never on
 cell means (equal-sized cells would hide nothing, but unequal ones would weight wrongly).
 
-A task is flagged **non-discriminative** when its baseline accuracy's 95% interval reaches chance
-(the model does not know the task, so no format can lose it) or when the paired interval of a
-format's Δ is wider than ``max_half_width`` points (too few samples to tell formats apart at the
-size of effect that matters). The flag is reported, never used to drop a row.
+Each format's row gets a **verdict**, reported, never used to drop a row:
+
+- ``non-discriminative: BF16 within chance``: the baseline accuracy's 95% interval reaches chance
+  (the model does not know the task, so no format can lose it); the whole task is flagged.
+- ``loss`` / ``gain``: the paired 95% interval of Δ excludes 0 and the exact sign test on the
+  samples scored lower / higher agrees (p < 0.05; for 0/1 outcomes it is McNemar's exact test). A
+  wide interval that excludes 0 has still told formats apart.
+- ``underpowered``: the interval excludes 0 but the sign test does not (p >= 0.05): with a handful
+  of samples a bootstrap of identical differences collapses to a point (3 of 3 pass-keys lost gives
+  [-100, -100]) while the exact test cannot reach significance (p = 0.25 at best for n = 3).
+- ``non-discriminative: Δ interval ±X pts > ±5``: the interval includes 0 and is wider than
+  ``max_half_width``: too few samples to tell formats apart at the size of effect that matters.
+- ``ok``: the interval includes 0 and is narrow: no difference, to within its width.
 """
 
 from __future__ import annotations
@@ -42,11 +51,19 @@ def _records(group: pd.DataFrame) -> list[dict[str, Any]]:
     return [{"task": t, "doc_id": d, "metrics": {"m": v}} for t, d, v in zip(keys, group["doc_id"], group["value"])]
 
 
-def _verdict(base_acc: float, base_n: int, chance: float | None, half_width: float, max_half_width: float) -> str:
+def _verdict(base_acc: float, base_n: int, chance: float | None, ci_low: float, ci_high: float,
+             lost: int, gained: int, n: int, max_half_width: float) -> str:
+    """The row's verdict (module docstring): ``lost``/``gained`` count samples scored lower/higher."""
     if chance is not None and base_n:
         se = math.sqrt(max(base_acc * (1 - base_acc), 1e-12) / base_n)
         if base_acc - Z95 * se <= chance:
             return f"non-discriminative: BF16 within chance ({100 * chance:.0f}%)"
+    half_width = (ci_high - ci_low) / 2
+    if math.isfinite(half_width) and (ci_high < 0 or ci_low > 0):
+        p_sign = stats.mcnemar_exact(lost, gained)
+        if p_sign >= 0.05:
+            return f"underpowered: interval excludes 0, sign test p={p_sign:.2g} ({lost} lower, {gained} higher of {n})"
+        return f"{'loss' if ci_high < 0 else 'gain'}: interval excludes 0"
     if math.isfinite(half_width) and half_width > max_half_width:
         return f"non-discriminative: Δ interval ±{100 * half_width:.1f} pts > ±{100 * max_half_width:.0f}"
     return "ok"
@@ -107,8 +124,8 @@ def study_table(samples: pd.DataFrame, *, metric: str | Mapping[str, str], basel
                            gained=gained, p_mcnemar=paired["p_mcnemar"] if paired["p_mcnemar"] is not None else math.nan)
                 if paired["n"] != len(base_records) or paired["n"] != n:
                     row["verdict_note"] = f"paired {paired['n']} of {n}"
-                verdicts.append(_verdict(base_acc, len(base_records), (chance or {}).get(task),
-                                         (paired["ci_high"] - paired["ci_low"]) / 2, max_half_width))
+                verdicts.append(_verdict(base_acc, len(base_records), (chance or {}).get(task), row["ci_low"],
+                                         row["ci_high"], lost, gained, n, max_half_width))
             task_rows.append(row)
         task_verdict = next((v for v in verdicts if v.startswith("non-discriminative: BF16")), None)
         for row in task_rows:
