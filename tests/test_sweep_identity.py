@@ -299,3 +299,26 @@ def test_compare_runs_tolerance_applies_to_cell_aggregates_only(tmp_path):
     record["metrics"]["acc"] = 1.0 - record["metrics"]["acc"]
     samples.write_text("\n".join([json.dumps(record), *samples.read_text().splitlines()[1:]]) + "\n")
     assert compare_main([str(a), str(b), "--metrics-rel-tol", "1e-12"]) == 1  # samples stay exact
+
+
+def test_a_refetched_model_keeps_its_hash_but_other_weights_do_not(tmp_path):
+    """Fetching the same GGUF again (another day, another machine) rewrites the provenance's time,
+    timings and cache path: the identity must not change, or every resume would need an allowance."""
+    import json
+
+    from nvfp4kv.eval.identity import local_model_hash
+
+    def model_dir(name, **provenance):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text('{"num_hidden_layers": 2}')
+        (d / "model.safetensors").write_bytes(b"\0" * 64)
+        base = {"gguf": {"sha256": "aa"}, "created": "2026-12-01T00:00:00", "timings_s": {"convert_s": 1.0},
+                "cache_dir": "/a"}
+        (d / "nvfp4kv_provenance.json").write_text(json.dumps({**base, **provenance}))
+        return d
+
+    first = local_model_hash(model_dir("first"))
+    assert local_model_hash(model_dir("refetch", created="2026-12-05T07:33:31", timings_s={"convert_s": 9.0},
+                                      cache_dir="/b")) == first
+    assert local_model_hash(model_dir("other", gguf={"sha256": "bb"})) != first

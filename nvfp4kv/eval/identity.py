@@ -48,6 +48,12 @@ _KV_FIELDS_IGNORED = ("backend", "dequant_cache")
 _TASK_FIELDS_IGNORED = ("data_dir",)
 
 
+#: a fetched model's provenance file (model_sources.provenance.HF_PROVENANCE_FILE; not imported: that
+#: package pulls in the converter) and its fields that vary between fetches of the same weights
+_FETCH_PROVENANCE = "nvfp4kv_provenance.json"
+_FETCH_VOLATILE = ("created", "timings_s", "cache_dir")
+
+
 class IdentityMismatchError(ConfigError):
     """A resume asks for different numbers than the run directory holds."""
 
@@ -94,14 +100,19 @@ def local_model_hash(path: Path) -> str | None:
 
     Weight files are several GB: hashing their bytes on every resume would cost minutes, while a
     changed checkpoint virtually always changes a size or the config. A fetched model's
-    provenance (``provenance.json``, with the GGUF's SHA-256) is hashed in full.
+    provenance (``nvfp4kv_provenance.json``, with the GGUF's SHA-256) is hashed without the fields
+    that describe one fetch rather than the weights (when, how long, where): re-fetching the same
+    GGUF on another machine gives the same hash.
     """
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         digest.update(file.name.encode())
-        if file.suffix in (".json", ".txt", ".model", ".jinja") and file.stat().st_size < 50_000_000:
+        if file.name == _FETCH_PROVENANCE:
+            stable = {k: v for k, v in json.loads(file.read_text()).items() if k not in _FETCH_VOLATILE}
+            digest.update(json.dumps(stable, sort_keys=True).encode())
+        elif file.suffix in (".json", ".txt", ".model", ".jinja") and file.stat().st_size < 50_000_000:
             digest.update(file.read_bytes())
         else:
             digest.update(str(file.stat().st_size).encode())
