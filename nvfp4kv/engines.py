@@ -292,6 +292,9 @@ def apply_engine(profile: EngineProfile | str | Mapping[str, Any],
     if out.get("sink_tokens") and profile.supported_formats is not None:
         notes.append(f"sink_tokens={out['sink_tokens']} is harness-only: engine={profile.name} keeps no "
                      f"full-precision sink tokens")
+    if out.get("k_center") and profile.supported_formats is not None:
+        notes.append(f"k_center is harness-only: engine={profile.name} stores keys as they are, without "
+                     f"subtracting their per-channel mean")
     for fmt in sorted(quantized):
         note = _ENGINE_FORMAT_NOTES.get((profile.name, fmt))
         if note:

@@ -70,6 +70,9 @@ FORMATS = [
     ("int4_sink_res", dict(k_format="int4", v_format="int2", sink_tokens=3, residual_length=4,
                            k_options={"group_size": 8})),
     ("nvfp4_quantized", dict(k_format="nvfp4", v_format="nvfp4", read_mode="quantized")),
+    ("nvfp4_kcenter", dict(k_format="nvfp4", v_format="nvfp4", k_center=True)),
+    ("int4_kcenter_sink_res", dict(k_format="int4", v_format="nvfp4", k_center=True, sink_tokens=3, residual_length=4,
+                                   k_options={"group_size": 8})),
     ("int2_raw_fresh", dict(k_format="int2", v_format="int4", read_mode="raw_fresh", k_options={"group_size": 8})),
 ]
 STATIC = {0: (0.004, 0.002), 1: (0.003, 0.005)}

@@ -60,6 +60,8 @@ def policy_label(kv_config: Mapping[str, Any]) -> str:
         text += f"+res{kv_config['residual_length']}"
     if kv_config.get("skip_layers"):
         text += "+skip" + ",".join(str(i) for i in kv_config["skip_layers"])
+    if kv_config.get("k_center"):
+        text += "+kcenter"
     return text
 
 

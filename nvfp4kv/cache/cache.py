@@ -163,7 +163,7 @@ class QuantizedKVCache(Cache):
             self._k_format, self._v_format, layer_idx=idx, codec=self.codec, read_mode=cfg.read_mode,
             sink_tokens=cfg.sink_tokens, residual_length=cfg.residual_length, scale_policy=cfg.scale_policy,
             static_scales=self._static_scales(idx), keep_dequantized=cfg.dequant_cache, nonfinite=cfg.nonfinite,
-            frozen_scales=self.frozen_scales, scale_divisors=cfg.first_batch_divisors,
+            frozen_scales=self.frozen_scales, scale_divisors=cfg.first_batch_divisors, k_center=cfg.k_center,
         )
 
     def _checkpoint_path(self, model_config: Any) -> str:

@@ -126,6 +126,12 @@ class KVCacheConfig:
     the residual window, in multiples of the format's ``token_group``, and never re-quantized.
     ``skip_layers`` are stored in BF16 whatever the formats.
 
+    **k_center** (research, no engine does it): store each sequence's keys minus their per-channel
+    mean over the prompt (:mod:`nvfp4kv.cache.k_center`). Attention is unchanged by a shift common
+    to all keys, so only the rounding changes: the format no longer spends its range on a constant
+    offset (Qwen2's key bias makes some channels ~300x their spread). Costs ``4 * head_dim`` bytes
+    per KV head per sequence and layer, counted in ``nbytes``.
+
     **read_mode**, i.e. which attention reads see quantized K/V:
 
     - ``"serving"`` (default): a multi-token write (a prefill chunk) attends to its own raw K/V
@@ -180,6 +186,7 @@ class KVCacheConfig:
     dequant_cache: bool = False
     nonfinite: NonFinite = "raise"
     backend: str = "torch"
+    k_center: bool = False
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -195,6 +202,9 @@ class KVCacheConfig:
                 raise ConfigError(f"{name} must be an integer >= 0 (number of tokens kept full precision); got {value!r}. Set {name}=0 to keep none.")
         if not isinstance(self.dequant_cache, bool):
             raise ConfigError(f"dequant_cache must be true or false; got {self.dequant_cache!r}. Set dequant_cache=true (CPU) or false (long GPU contexts).")
+        if not isinstance(self.k_center, bool):
+            raise ConfigError(f"k_center must be true or false; got {self.k_center!r}. Set k_center=true to store keys "
+                              f"minus their per-channel prompt mean, false (default) to store them as they are.")
         object.__setattr__(self, "skip_layers", self._normalized_skip_layers())
         self._check_policy_inputs()
         object.__setattr__(self, "static_scales", self._normalized_static_scales())
@@ -402,6 +412,8 @@ class KVCacheConfig:
             extras.append(f"res{self.residual_length}")
         if self.skip_layers:
             extras.append("skip" + ",".join(str(i) for i in self.skip_layers))
+        if self.k_center:
+            extras.append("kcenter")
         if self.read_mode != "serving":
             extras.append(self.read_mode)
         if self.nonfinite != "raise":

@@ -43,6 +43,7 @@ from nvfp4kv.cache.checks import (
     raise_if_nonfinite,
 )
 from nvfp4kv.cache.first_batch import FrozenScales
+from nvfp4kv.cache.k_center import center_keys, key_offset
 from nvfp4kv.cache.stream import PackedStream, append_pair, pair_ready
 from nvfp4kv.errors import BlockSizeError, KVStateError
 from nvfp4kv.formats.base import KVFormat, normalize_nonfinite
@@ -77,9 +78,14 @@ class PackedKVLayer(DynamicLayer):
         is_skip: bool = False,
         frozen_scales: FrozenScales | None = None,
         scale_divisors: tuple[float, float] | None = None,
+        k_center: bool = False,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        #: store keys minus each sequence's per-channel prompt mean (nvfp4kv.cache.k_center)
+        self.k_center = k_center
+        #: that mean, ``[B, H, 1, D]`` FP32, set by the first write (None: not centering / empty)
+        self.k_offset: torch.Tensor | None = None
         #: a ``skip_layers`` entry (BF16 storage) rather than a quantized layer
         self.is_skip = is_skip
         #: head_dim of K and V, known after the first update
@@ -170,6 +176,8 @@ class PackedKVLayer(DynamicLayer):
             value_states = self._apply_nonfinite(value_states, where, "V", n_before)
         saved = dict(vars(self)), self.k_stream.snapshot(), self.v_stream.snapshot()
         try:
+            if self.k_center:
+                key_states, stacked = self._centered(key_states, value_states, n_before, stacked)
             return self._store_and_read(key_states, value_states, n_before, kwargs, stacked)
         except BaseException:
             self._restore(saved)
@@ -218,6 +226,15 @@ class PackedKVLayer(DynamicLayer):
         elif self.nonfinite == "map":
             return map_nonfinite_write(x)
         return x
+
+    def _centered(self, k: torch.Tensor, v: torch.Tensor, n_before: int,
+                  stacked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``k`` minus this sequence's key offset (set from this write when it is the first), pads
+        kept zero; and the K/V stack rebuilt from it when the pair path had built one."""
+        if n_before == 0 or self.k_offset is None:
+            self.k_offset = key_offset(k, self.pads, n_before)
+        k = self._zero_pads(center_keys(k, self.k_offset), n_before)
+        return k, (torch.stack([k, v]) if stacked is not None else None)
 
     def _restore(self, saved: tuple[dict[str, Any], dict[str, object], dict[str, object]]) -> None:
         """Put the layer back as :meth:`update` found it (attributes and both streams)."""
@@ -313,6 +330,7 @@ class PackedKVLayer(DynamicLayer):
         super().reset()
         self._fused_reader = False
         self.pads = None
+        self.k_offset = None
         self.k_stream.reset()
         self.v_stream.reset()
 
@@ -332,6 +350,8 @@ class PackedKVLayer(DynamicLayer):
         self.v_stream.crop(-tokens_to_remove)
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.k_offset is not None:
+            self.k_offset = fn(self.k_offset)
         if self.get_seq_length() > 0:
             self.k_stream.map_batch(fn)
             self.v_stream.map_batch(fn)
@@ -351,8 +371,9 @@ class PackedKVLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ memory
     def nbytes(self) -> int:
-        """Storage held for K and V (parts, scales, sink, pending); not the fast path."""
-        return self.k_stream.nbytes() + self.v_stream.nbytes()
+        """Storage held for K and V (parts, scales, sink, pending, the key offset); not the fast path."""
+        offset = 0 if self.k_offset is None else self.k_offset.numel() * self.k_offset.element_size()
+        return self.k_stream.nbytes() + self.v_stream.nbytes() + offset
 
     def fastpath_nbytes(self) -> int:
         return self.k_stream.fastpath_nbytes() + self.v_stream.fastpath_nbytes()

@@ -79,6 +79,9 @@ class KVSchema:
     nonfinite: NonFiniteChoice = NonFiniteChoice["raise"]  # type: ignore[valid-type]
     # torch = the bit-exact references; triton | flashinfer | auto need nvfp4kv.kernels and a GPU.
     backend: BackendChoice = BackendChoice["torch"]  # type: ignore[valid-type]
+    # Store keys minus each sequence's per-channel prompt mean (research; attention is unchanged by a
+    # shift common to all keys; nvfp4kv/cache/k_center.py). No engine does this.
+    k_center: bool = False
 
 
 @dataclass

@@ -44,6 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _MODEL_FIELDS_IGNORED = ("device", "label")
 #: KV config fields that cannot change a number (backends are bit-exact; dequant_cache is a cache)
 _KV_FIELDS_IGNORED = ("backend", "dequant_cache")
+#: KV fields added after cells were first written, left out of a cell's config at their default, so a
+#: cell written before the field existed still matches the same setting today
+_KV_FIELDS_ADDED = {"k_center": False}
 #: task config fields that are *where* data is, not *what* it is (its hash is in the identity)
 _TASK_FIELDS_IGNORED = ("data_dir",)
 
@@ -251,7 +254,8 @@ def cell_config(task: Any, kv: Any) -> dict[str, Any]:
     return results.jsonable({
         "task_kind": task.kind,
         "task_config": {k: v for k, v in task.config.items() if k not in _TASK_FIELDS_IGNORED},
-        "kv_config": {k: v for k, v in kv.to_dict().items() if k not in _KV_FIELDS_IGNORED},
+        "kv_config": {k: v for k, v in kv.to_dict().items()
+                      if k not in _KV_FIELDS_IGNORED and not (k in _KV_FIELDS_ADDED and v == _KV_FIELDS_ADDED[k])},
         "limit": task.limit,
     })
 
