@@ -4,7 +4,8 @@ Several run dirs (the study's MMLU, GSM8K and retrieval sweeps) go into one tabl
 by its headline metric. Pools a benchmark split into resumable cells (``mmlu_a``, ``mmlu_b``, ``mmlu_c`` -> ``mmlu``: any
 tasks named ``<name>_<letter>``) question by question, then writes, next to the first run dir
 unless ``--out`` says otherwise: ``study_table.md`` / ``study_table.csv`` (accuracy, paired Δ vs
-BF16 with its 95% interval, answer flips, McNemar p, verdict), ``fidelity.md`` and
+BF16 with its 95% interval, answer flips, McNemar p, verdict), ``fidelity.md``,
+``answer_fidelity.md`` (multiple choice), ``generation_agreement.md`` (generation tasks) and
 ``study_delta.png`` (Δ vs KV bits per element). Everything goes through :mod:`nvfp4kv.analysis`.
 """
 
@@ -19,7 +20,15 @@ import pandas as pd
 
 from nvfp4kv import analysis as A
 from nvfp4kv import results as records
-from nvfp4kv.analysis.study import answer_fidelity, fidelity_summary, headline_metrics, pool_tasks, study_markdown, study_table
+from nvfp4kv.analysis.study import (
+    answer_fidelity,
+    fidelity_summary,
+    generation_agreement,
+    headline_metrics,
+    pool_tasks,
+    study_markdown,
+    study_table,
+)
 
 #: chance accuracy of the pooled tasks a study uses (a flag, not a correction)
 CHANCE = {"mmlu": 0.25}
@@ -34,18 +43,41 @@ def auto_pools(tasks: list[str]) -> dict[str, list[str]]:
     return {name: sorted(parts) for name, parts in pools.items() if len(parts) > 1}
 
 
-def answer_fidelity_table(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> pd.DataFrame:
-    """Per pooled multiple-choice task and KV setting: the answer distribution's drift from the
-    baseline on the same questions (:func:`nvfp4kv.analysis.study.answer_fidelity`)."""
+def _samples_by_task(run_dirs: list[str], pools: dict[str, list[str]]) -> dict[tuple[str, str], dict[str, list]]:
+    """(model, pooled task) -> kv -> every per-sample record."""
     pooled_name = {part: name for name, parts in pools.items() for part in parts}
     by_task: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for cell in A.load_cells(run_dirs):
         task = pooled_name.get(cell["task"], cell["task"])
         by_task[(cell["model"], task)][cell["kv"]].extend(records.read_samples(cell["_run_dir"], cell["cell_id"]))
+    return by_task
+
+
+def answer_fidelity_table(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> pd.DataFrame:
+    """Per pooled multiple-choice task and KV setting: the answer distribution's drift from the
+    baseline on the same questions (:func:`nvfp4kv.analysis.study.answer_fidelity`)."""
     frames = [answer_fidelity(kvs, baseline=baseline).assign(model=model, task=task)
-              for (model, task), kvs in sorted(by_task.items())]
+              for (model, task), kvs in sorted(_samples_by_task(run_dirs, pools).items())]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def generation_agreement_markdown(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> str:
+    """Per generation task and KV setting: how long the greedy text stays the baseline's
+    (:func:`nvfp4kv.analysis.study.generation_agreement`)."""
+    frames = [generation_agreement(kvs, baseline=baseline).assign(task=task)
+              for (_, task), kvs in sorted(_samples_by_task(run_dirs, pools).items())]
+    frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) else None
+    if frame is None:
+        return "(no generation task with a baseline)"
+    view = pd.DataFrame({
+        "task": frame["task"], "KV": frame["kv"], "n": frame["n"],
+        "identical to bf16 %": frame["identical"].map(lambda x: f"{100 * x:.1f}"),
+        "common prefix, mean % of bf16's text": frame["prefix_frac_mean"].map(lambda x: f"{100 * x:.1f}"),
+        "median %": frame["prefix_frac_median"].map(lambda x: f"{100 * x:.1f}"),
+        "same extracted answer %": frame["same_answer"].map(lambda x: f"{100 * x:.1f}"),
+    })
+    return view.to_markdown(index=False)
 
 
 def answer_fidelity_markdown(frame: pd.DataFrame) -> str:
@@ -85,6 +117,8 @@ def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = 
         rank = {kv: i for i, kv in enumerate(dict.fromkeys(table["kv"]))}
         answers = answers.sort_values(["task", "kv"], key=lambda col: col.map(rank) if col.name == "kv" else col)
     paths["answer_fidelity"].write_text(answer_fidelity_markdown(answers) + "\n")
+    paths["generation_agreement"] = out / "generation_agreement.md"
+    paths["generation_agreement"].write_text(generation_agreement_markdown(run_dirs, pools, baseline) + "\n")
     cmp_like = table.assign(value=table["accuracy"], run_id="study", stderr=table["acc_ci95"] / 1.96)
     A.save_figure(A.plot_delta_vs_bits(cmp_like, baseline=baseline), paths["figure"])
     return paths

@@ -114,6 +114,23 @@ def test_answer_fidelity_is_the_kl_between_the_renormalized_choice_distributions
     assert table.loc["nvfp4", "gold_logp_delta"] == pytest.approx((math.log(0.25) - math.log(0.5)) / 2)
 
 
+def test_generation_agreement_measures_how_long_the_text_stays_the_baselines():
+    from nvfp4kv.analysis.study import generation_agreement
+
+    def rec(doc, text, answer):
+        return {"doc_id": doc, "subtask": "g", "prediction": text, "filtered": {"flexible-extract": [answer]}}
+
+    base = [rec(0, "abcdefghij", "7"), rec(1, "0123456789", "3"), rec(2, "xy", "1")]
+    kv = [rec(0, "abcdefghij", "7"), rec(1, "01234zzzzz", "3"), rec(2, "qq", "2"), rec(9, "only here", "0")]
+    table = generation_agreement({"bf16": base, "nvfp4": kv}).set_index("kv")
+    assert table.loc["nvfp4", "n"] == 3  # paired on (subtask, doc_id): doc 9 has no baseline
+    assert table.loc["nvfp4", "identical"] == pytest.approx(1 / 3)
+    assert table.loc["nvfp4", "prefix_frac_mean"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert table.loc["nvfp4", "prefix_frac_median"] == pytest.approx(0.5)
+    assert table.loc["nvfp4", "same_answer"] == pytest.approx(2 / 3)
+    assert generation_agreement({"bf16": [{"doc_id": 0, "filtered": {}}]}).empty  # no text: nothing to compare
+
+
 def test_study_sweep_composes_and_runs_on_a_tiny_slice(tmp_path):
     """The committed study config (every KV setting, static scales, both task kinds) end to end, on
     the embedded model with SmolLM2's own scales file and one MMLU question."""
