@@ -21,6 +21,8 @@ import pandas as pd
 from nvfp4kv import analysis as A
 from nvfp4kv import results as records
 from nvfp4kv.analysis.study import (
+    STATED_ANSWER_METRIC,
+    add_stated_answer,
     answer_fidelity,
     fidelity_summary,
     generation_agreement,
@@ -119,6 +121,12 @@ def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = 
     paths["answer_fidelity"].write_text(answer_fidelity_markdown(answers) + "\n")
     paths["generation_agreement"] = out / "generation_agreement.md"
     paths["generation_agreement"].write_text(generation_agreement_markdown(run_dirs, pools, baseline) + "\n")
+    stated = add_stated_answer(pooled)
+    stated_tasks = {str(t): STATED_ANSWER_METRIC for t in stated.loc[stated["metric"] == STATED_ANSWER_METRIC, "task"].unique()}
+    if stated_tasks:  # GSM8K: the answer the text states, beside lm-eval's filters (nvfp4kv.analysis.study.stated_answer)
+        paths["stated_answer"] = out / "stated_answer.md"
+        stated_table = study_table(stated, metric=stated_tasks, baseline=baseline, chance=CHANCE, bits=bits)
+        paths["stated_answer"].write_text(study_markdown(stated_table, baseline) + "\n")
     cmp_like = table.assign(value=table["accuracy"], run_id="study", stderr=table["acc_ci95"] / 1.96)
     A.save_figure(A.plot_delta_vs_bits(cmp_like, baseline=baseline), paths["figure"])
     return paths

@@ -131,6 +131,38 @@ def test_generation_agreement_measures_how_long_the_text_stays_the_baselines():
     assert generation_agreement({"bf16": [{"doc_id": 0, "filtered": {}}]}).empty  # no text: nothing to compare
 
 
+@pytest.mark.parametrize("text,answer", [
+    ("so she makes $18 a day. The answer is $18. Let's confirm with Python.\n```python\nprint(9*2)\n```\n18", "18"),
+    ("Total 3.0 bolts.\n```python\nx = 2\n```\nThe total is \\(\\boxed{3}\\).", "3"),
+    ("He runs 9 * 60 = 540 meters.\n```python\nprint(540 + 1)\n```", "540"),
+    ("the profit is $1,250.50.", "1250.50"),
+    ("the answer is -7", "-7"),
+    ("no number at all", None),
+])
+def test_stated_answer_reads_the_answer_not_the_appended_code(text, answer):
+    from nvfp4kv.analysis.study import stated_answer
+
+    assert stated_answer(text) == answer
+
+
+def test_add_stated_answer_scores_gsm8k_records_only():
+    import pandas as pd
+
+    from nvfp4kv.analysis.study import STATED_ANSWER_METRIC, add_stated_answer
+
+    frame = pd.DataFrame([
+        {"task": "g", "kv": "bf16", "doc_id": 0, "metric": "exact_match,flexible-extract", "value": 0.0,
+         "target": "2+2=4\n#### 4", "prediction": "The answer is 4.\n```python\nprint(5)\n```"},
+        {"task": "g", "kv": "bf16", "doc_id": 1, "metric": "exact_match,flexible-extract", "value": 0.0,
+         "target": "#### 1,000", "prediction": "It costs 999 dollars."},
+        {"task": "m", "kv": "bf16", "doc_id": 0, "metric": "acc,none", "value": 1.0, "target": "2", "prediction": None},
+    ])
+    out = add_stated_answer(frame)
+    stated = out[out["metric"] == STATED_ANSWER_METRIC].set_index("doc_id")["value"]
+    assert stated.to_dict() == {0: 1.0, 1: 0.0}
+    assert len(out) == len(frame) + 2
+
+
 def test_study_sweep_composes_and_runs_on_a_tiny_slice(tmp_path):
     """The committed study config (every KV setting, static scales, both task kinds) end to end, on
     the embedded model with SmolLM2's own scales file and one MMLU question."""

@@ -24,6 +24,7 @@ Each format's row gets a **verdict**, reported, never used to drop a row:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -269,3 +270,54 @@ def generation_agreement(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]
                      "prefix_frac_mean": float(fracs.mean()), "prefix_frac_median": float(np.median(fracs)),
                      "same_answer": float(same.mean())})
     return pd.DataFrame(rows, columns=["kv", "n", "identical", "prefix_frac_mean", "prefix_frac_median", "same_answer"])
+
+
+#: the metric :func:`add_stated_answer` adds beside lm-eval's GSM8K filters
+STATED_ANSWER_METRIC = "exact_match,stated-answer"
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+def stated_answer(prediction: str) -> str | None:
+    """The number a chain of thought states as its answer: the first ``\\boxed{...}``, else the first
+    "answer is N", else the last number before the first code fence; None when there is none.
+
+    Why beside lm-eval's filters: a coder instruct model answers ("... so she makes $18. The answer
+    is $18.") and then appends a Python check, so lm-eval's ``strict-match`` ("The answer is N.", no
+    ``$``) misses most answers and ``flexible-extract`` (the last number) reads the code. This is
+    our extraction, reported next to lm-eval's, never instead of it.
+    """
+    boxed = re.search(r"\\boxed\{([^}]*)\}", prediction)
+    if boxed:
+        found = re.findall(_NUMBER, boxed.group(1))
+        if found:
+            return _clean_number(found[0])
+    stated = re.search(r"answer is[^0-9\-$]{0,20}(" + _NUMBER + ")", prediction)
+    if stated:
+        return _clean_number(stated.group(1))
+    found = re.findall(_NUMBER, prediction.split("```")[0])
+    return _clean_number(found[-1]) if found else None
+
+
+def _clean_number(text: str) -> str:
+    return text.replace(",", "").replace("$", "").rstrip(".")
+
+
+def _same_number(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and float(a) == float(b)
+    except ValueError:
+        return False
+
+
+def add_stated_answer(samples: pd.DataFrame, source_metric: str = "exact_match,flexible-extract") -> pd.DataFrame:
+    """``samples`` plus one ``STATED_ANSWER_METRIC`` row per GSM8K-style sample (a ``target`` holding
+    ``#### N`` and a text ``prediction``): 1.0 when :func:`stated_answer` equals N."""
+    if "prediction" not in samples or "target" not in samples:
+        return samples
+    rows = samples[(samples["metric"] == source_metric) & samples["target"].astype(str).str.contains("####")
+                   & samples["prediction"].map(lambda p: isinstance(p, str))]
+    if rows.empty:
+        return samples
+    gold = rows["target"].astype(str).map(lambda t: _clean_number(t.split("####")[-1].strip()))
+    value = [float(_same_number(stated_answer(p), g)) for p, g in zip(rows["prediction"], gold)]
+    return pd.concat([samples, rows.assign(metric=STATED_ANSWER_METRIC, value=value)], ignore_index=True)
