@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,6 +180,20 @@ def fidelity_summary(tidy: pd.DataFrame, metrics: Sequence[str] = ("kl_mean", "t
     return pd.DataFrame([{"KV": kv, **cells[kv]} for kv in order if kv in cells])
 
 
+def _paired_with_baseline(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str,
+                          table: Any) -> Iterator[tuple[str, dict, dict, list]]:
+    """``(kv, baseline table, kv table, shared keys)`` for every setting but the baseline that shares a
+    sample with it; ``table`` maps a list of records to ``{(subtask, doc_id): value}``."""
+    base = table(samples_by_kv.get(baseline, []))
+    for kv, records in samples_by_kv.items():
+        if kv == baseline:
+            continue
+        other = table(records)
+        keys = [k for k in base if k in other]
+        if keys:
+            yield kv, base, other, keys
+
+
 def answer_fidelity(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]], *, baseline: str = "bf16",
                     n_boot: int = 4000, seed: int = 0) -> pd.DataFrame:
     """Fidelity on the task's own prompts: per KV setting, how far its distribution over a multiple-choice
@@ -207,16 +221,9 @@ def answer_fidelity(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]], *,
                     logps - np.logaddexp.reduce(logps), int(gold) if isinstance(gold, (int, float)) else None)
         return out
 
-    base = table(samples_by_kv.get(baseline, []))
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(seed)
-    for kv, records in samples_by_kv.items():
-        if kv == baseline:
-            continue
-        other = table(records)
-        keys = [k for k in base if k in other]
-        if not keys:
-            continue
+    for kv, base, other, keys in _paired_with_baseline(samples_by_kv, baseline, table):
         kl = np.array([float(np.sum(np.exp(base[k][0]) * (base[k][0] - other[k][0]))) for k in keys])
         agree = np.array([float(np.argmax(base[k][0]) == np.argmax(other[k][0])) for k in keys])
         gold = np.array([other[k][0][base[k][1]] - base[k][0][base[k][1]] for k in keys if base[k][1] is not None])
@@ -253,15 +260,8 @@ def generation_agreement(samples_by_kv: Mapping[str, Sequence[Mapping[str, Any]]
         return {(str(r.get("subtask", r.get("task"))), str(r["doc_id"])): r for r in records
                 if isinstance(r.get("prediction"), str)}
 
-    base = table(samples_by_kv.get(baseline, []))
     rows: list[dict[str, Any]] = []
-    for kv, records in samples_by_kv.items():
-        if kv == baseline:
-            continue
-        other = table(records)
-        keys = [k for k in base if k in other]
-        if not keys:
-            continue
+    for kv, base, other, keys in _paired_with_baseline(samples_by_kv, baseline, table):
         fracs = np.array([_common_prefix(base[k]["prediction"], other[k]["prediction"])
                           / max(1, len(base[k]["prediction"])) for k in keys])
         identical = np.array([base[k]["prediction"] == other[k]["prediction"] for k in keys], dtype=float)
