@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.study_report import CHANCE, answer_fidelity_table, auto_pools
+from experiments.study_report import CHANCE, answer_fidelity_table, auto_pools, samples_by_task
 from nvfp4kv import analysis as A
 from nvfp4kv.analysis.study import Z95, headline_metrics, pool_tasks, study_table
 
@@ -75,7 +75,7 @@ def policy_table(run_dirs: list[str], baseline: str = "bf16") -> pd.DataFrame:
         accuracy = pooled[pooled["task"] != "fidelity"]
         if not accuracy.empty:
             mmlu = study_table(accuracy, metric=headline_metrics(accuracy), baseline=baseline, chance=CHANCE)
-    answers = answer_fidelity_table(run_dirs, pools, baseline) if not pooled.empty else pd.DataFrame()
+    answers = answer_fidelity_table(samples_by_task(run_dirs, pools), baseline) if not pooled.empty else pd.DataFrame()
     fidelity = _fidelity(tidy)
     settings = _kv_settings(run_dirs)
     rows: list[dict[str, Any]] = []

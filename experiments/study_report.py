@@ -45,7 +45,7 @@ def auto_pools(tasks: list[str]) -> dict[str, list[str]]:
     return {name: sorted(parts) for name, parts in pools.items() if len(parts) > 1}
 
 
-def _samples_by_task(run_dirs: list[str], pools: dict[str, list[str]]) -> dict[tuple[str, str], dict[str, list]]:
+def samples_by_task(run_dirs: list[str], pools: dict[str, list[str]]) -> dict[tuple[str, str], dict[str, list]]:
     """(model, pooled task) -> kv -> every per-sample record."""
     pooled_name = {part: name for name, parts in pools.items() for part in parts}
     by_task: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -55,23 +55,25 @@ def _samples_by_task(run_dirs: list[str], pools: dict[str, list[str]]) -> dict[t
     return by_task
 
 
-def answer_fidelity_table(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> pd.DataFrame:
-    """Per pooled multiple-choice task and KV setting: the answer distribution's drift from the
-    baseline on the same questions (:func:`nvfp4kv.analysis.study.answer_fidelity`)."""
+def answer_fidelity_table(by_task: dict[tuple[str, str], dict[str, list]], baseline: str = "bf16") -> pd.DataFrame:
+    """Per pooled multiple-choice task and KV setting (``by_task``: :func:`samples_by_task`): the
+    answer distribution's drift from the baseline on the same questions
+    (:func:`nvfp4kv.analysis.study.answer_fidelity`)."""
     frames = [answer_fidelity(kvs, baseline=baseline).assign(model=model, task=task)
-              for (model, task), kvs in sorted(_samples_by_task(run_dirs, pools).items())]
+              for (model, task), kvs in sorted(by_task.items())]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def generation_agreement_markdown(run_dirs: list[str], pools: dict[str, list[str]], baseline: str = "bf16") -> str:
-    """Per generation task and KV setting: how long the greedy text stays the baseline's
-    (:func:`nvfp4kv.analysis.study.generation_agreement`)."""
+def generation_agreement_markdown(by_task: dict[tuple[str, str], dict[str, list]], baseline: str = "bf16") -> str:
+    """Per generation task and KV setting (``by_task``: :func:`samples_by_task`): how long the greedy
+    text stays the baseline's (:func:`nvfp4kv.analysis.study.generation_agreement`)."""
     frames = [generation_agreement(kvs, baseline=baseline).assign(task=task)
-              for (_, task), kvs in sorted(_samples_by_task(run_dirs, pools).items())]
-    frame = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) else None
-    if frame is None:
+              for (_, task), kvs in sorted(by_task.items())]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
         return "(no generation task with a baseline)"
+    frame = pd.concat(frames, ignore_index=True)
     view = pd.DataFrame({
         "task": frame["task"], "KV": frame["kv"], "n": frame["n"],
         "identical to bf16 %": frame["identical"].map(lambda x: f"{100 * x:.1f}"),
@@ -114,13 +116,14 @@ def build(run_dirs: list[str], out: Path, baseline: str = "bf16", metric: str = 
     fid = fidelity_summary(tidy, baseline=baseline)
     paths["fidelity"].write_text((fid.to_markdown(index=False) if not fid.empty else "(no fidelity cells)") + "\n")
     paths["answer_fidelity"] = out / "answer_fidelity.md"
-    answers = answer_fidelity_table(run_dirs, pools, baseline)
+    by_task = samples_by_task(run_dirs, pools)  # every record read once for both per-record tables
+    answers = answer_fidelity_table(by_task, baseline)
     if not answers.empty:  # the study table's row order (most bits first)
         rank = {kv: i for i, kv in enumerate(dict.fromkeys(table["kv"]))}
         answers = answers.sort_values(["task", "kv"], key=lambda col: col.map(rank) if col.name == "kv" else col)
     paths["answer_fidelity"].write_text(answer_fidelity_markdown(answers) + "\n")
     paths["generation_agreement"] = out / "generation_agreement.md"
-    paths["generation_agreement"].write_text(generation_agreement_markdown(run_dirs, pools, baseline) + "\n")
+    paths["generation_agreement"].write_text(generation_agreement_markdown(by_task, baseline) + "\n")
     stated = add_stated_answer(pooled)
     stated_tasks = {str(t): STATED_ANSWER_METRIC for t in stated.loc[stated["metric"] == STATED_ANSWER_METRIC, "task"].unique()}
     if stated_tasks:  # GSM8K: the answer the text states, beside lm-eval's filters (nvfp4kv.analysis.study.stated_answer)

@@ -42,20 +42,29 @@ def offset_stats(k: torch.Tensor) -> dict[str, float]:
     }
 
 
-def key_attention_error(rec: AttentionInputs, fmt: KVFormat, center: bool) -> float:
-    """Mean over KV heads of the attention error when only K goes through ``fmt`` (V exact)."""
-    k, q, v = rec.k.float(), rec.q.float(), rec.v.float()
+def _head_outputs(rec: AttentionInputs, k: torch.Tensor) -> list[torch.Tensor]:
+    """Per KV head, causal attention of its query heads over keys ``k`` and the exact values."""
+    q, v = rec.q.float(), rec.v.float()
+    group = max(1, rec.group_size)
+    return [_attention(q[0, head * group : (head + 1) * group], k[0, head], v[0, head], rec.scaling)
+            for head in range(k.shape[1])]
+
+
+def key_attention_error(rec: AttentionInputs, fmt: KVFormat, center: bool,
+                        reference: list[torch.Tensor] | None = None) -> float:
+    """Mean over KV heads of the attention error when only K goes through ``fmt`` (V exact).
+
+    ``reference``: the exact per-head outputs (:func:`_head_outputs` of the raw keys), computed
+    here when not given; :func:`offset_report` computes them once per layer for every format.
+    """
+    k = rec.k.float()
     if center:
         mean = k.mean(dim=2, keepdim=True)
         k_hat = roundtrip(fmt, k - mean) + mean
     else:
         k_hat = roundtrip(fmt, k)
-    group = max(1, rec.group_size)
-    errors = []
-    for head in range(k.shape[1]):
-        q_h = q[0, head * group : (head + 1) * group]
-        ref = _attention(q_h, k[0, head], v[0, head], rec.scaling)
-        errors.append(rel_err(ref, _attention(q_h, k_hat[0, head], v[0, head], rec.scaling)))
+    reference = reference if reference is not None else _head_outputs(rec, k)
+    errors = [rel_err(ref, out) for ref, out in zip(reference, _head_outputs(rec, k_hat))]
     return sum(errors) / len(errors)
 
 
@@ -66,8 +75,9 @@ def offset_report(captured: Mapping[int, AttentionInputs], formats: Mapping[str,
     for layer in sorted(captured):
         rec = captured[layer]
         row: dict[str, Any] = {"layer": layer, **offset_stats(rec.k)}
+        reference = _head_outputs(rec, rec.k.float())
         for name, fmt in formats.items():
-            row[f"attn_err_{name}"] = key_attention_error(rec, fmt, center=False)
-            row[f"attn_err_{name}_centered"] = key_attention_error(rec, fmt, center=True)
+            row[f"attn_err_{name}"] = key_attention_error(rec, fmt, False, reference)
+            row[f"attn_err_{name}_centered"] = key_attention_error(rec, fmt, True, reference)
         rows.append(row)
     return rows
